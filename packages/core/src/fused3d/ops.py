@@ -1,0 +1,183 @@
+"""Op-registration glue shared by every backend (DESIGN section 5).
+
+Each backend owns ``<namespace>::forward`` and ``<namespace>::backward`` with the schemas
+below. How the ops are *defined* differs per toolchain (``torch.library.custom_op``,
+``torch.library.triton_op``, or C++ ``TORCH_LIBRARY_IMPL`` behind :func:`define_schemas`);
+what is attached to them is the same for all and lives here once:
+
+* the fake (meta) implementations, so ``torch.compile`` and ``opcheck`` know the shapes;
+* the autograd formula, which saves only x, weight, bias, multiplier and the uint8 window
+  index (nothing conv-sized) and calls the backend's backward op.
+
+Backward outputs that the needs-grad mask does not ask for are returned as empty tensors
+(``numel() == 0``): custom-op schemas cannot return ``None``; the autograd glue maps them back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .config import BlockConfig
+
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor multiplier, int[] stride, int[] padding, "
+    "int[] output_padding, float negative_slope, bool allow_tf32) -> (Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor window_index, Tensor x, Tensor weight, Tensor? bias, "
+    "Tensor multiplier, int[] stride, int[] padding, int[] output_padding, "
+    "float negative_slope, bool allow_tf32, bool[] output_mask) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def config_from_op_args(
+    weight: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    output_padding: Sequence[int],
+    negative_slope: float,
+) -> BlockConfig:
+    """Rebuild the :class:`BlockConfig` inside an op body (arguments already validated)."""
+    return BlockConfig(
+        kernel_size=tuple(weight.shape[2:]),
+        stride=tuple(stride),
+        padding=tuple(padding),
+        output_padding=tuple(output_padding),
+        negative_slope=float(negative_slope),
+    )
+
+
+def output_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, output_padding):
+    """``(N, C_out, Dp, Hp, Wp)`` of the block for these op arguments."""
+    config = config_from_op_args(weight, stride, padding, output_padding, 0.0)
+    return config.output_shape(x.shape, weight.shape[1])
+
+
+def empty_outputs(x, weight, stride, padding, output_padding):
+    """Allocate ``(y, window_index)`` for a forward op: y in x's dtype, index uint8."""
+    shape = output_shape(x, weight, stride, padding, output_padding)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+
+def skipped_grad(like: torch.Tensor) -> torch.Tensor:
+    """The placeholder a backward op returns for a gradient the mask did not ask for."""
+    return like.new_empty((0,))
+
+
+def finish_channel_grad(per_channel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Turn a per-output-channel gradient ``(C_out,)`` into ``target``'s shape and dtype.
+
+    Used for dbias and dmultiplier: a multiplier of shape (1, 1, 1, 1) is broadcast over the
+    channels, so its gradient is the sum over them.
+    """
+    if target.numel() == 1 and per_channel.numel() != 1:
+        per_channel = per_channel.sum()
+    return per_channel.reshape(target.shape).to(target.dtype)
+
+
+# --------------------------------------------------------------------------- fake kernels
+
+
+def _fake_forward(x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
+                  allow_tf32):
+    return empty_outputs(x, weight, stride, padding, output_padding)
+
+
+def _fake_backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+                   output_padding, negative_slope, allow_tf32, output_mask):
+    def grad_or_skip(wanted: bool, like):
+        if like is None:
+            return x.new_empty((0,))
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if wanted else (
+            skipped_grad(like)
+        )
+
+    return (
+        grad_or_skip(output_mask[0], x),
+        grad_or_skip(output_mask[1], weight),
+        grad_or_skip(output_mask[2], bias),
+        grad_or_skip(output_mask[3], multiplier),
+    )
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, multiplier, stride, padding, output_padding, negative_slope, allow_tf32 = (
+        inputs
+    )
+    _, window_index = output
+    ctx.mark_non_differentiable(window_index)
+    ctx.save_for_backward(x, weight, bias, multiplier, window_index)
+    ctx.op_args = (list(stride), list(padding), list(output_padding), negative_slope, allow_tf32)
+
+
+def _make_backward(backward_op: Callable):
+    def backward(ctx, grad_y, grad_window_index):
+        x, weight, bias, multiplier, window_index = ctx.saved_tensors
+        wanted = list(ctx.needs_input_grad[:4])
+        if bias is None:
+            wanted[2] = False
+        if not any(wanted):
+            return (None,) * 9
+        grads = backward_op(
+            grad_y.contiguous(), window_index, x, weight, bias, multiplier, *ctx.op_args, wanted
+        )
+        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,) * 5
+
+    return backward
+
+
+# --------------------------------------------------------------------------- definition
+
+
+def define_schemas(namespace: str) -> torch.library.Library:
+    """Define ``namespace::forward`` and ``::backward`` with no kernels yet.
+
+    For backends that register their kernels elsewhere (C++ ``TORCH_LIBRARY_IMPL``). Keep the
+    returned Library alive as long as the ops should exist.
+    """
+    library = torch.library.Library(namespace, "DEF")
+    library.define("forward" + FORWARD_SCHEMA)
+    library.define("backward" + BACKWARD_SCHEMA)
+    return library
+
+
+def register_block_ops(namespace: str) -> None:
+    """Attach core's fake implementations and autograd formula to a backend's two ops."""
+    forward_name, backward_name = f"{namespace}::forward", f"{namespace}::backward"
+    torch.library.register_fake(forward_name, _fake_forward)
+    torch.library.register_fake(backward_name, _fake_backward)
+    backward_op = getattr(torch.ops, namespace).backward.default
+    torch.library.register_autograd(
+        forward_name, _make_backward(backward_op), setup_context=_setup_context
+    )
+
+
+def define_python_ops(
+    namespace: str,
+    forward_impl: Callable,
+    backward_impl: Callable,
+    *,
+    factory: str = "custom_op",
+) -> None:
+    """Define a backend's ops from Python implementations and attach core's glue.
+
+    ``factory`` is ``"custom_op"`` (``torch.library.custom_op``: opaque to the compiler) or
+    ``"triton_op"`` (``torch.library.triton_op``: the compiler sees the Triton kernels
+    launched through ``wrap_triton``). The implementations take the arguments named in
+    :data:`FORWARD_SCHEMA` / :data:`BACKWARD_SCHEMA`.
+    """
+    if factory == "custom_op":
+        make = torch.library.custom_op
+    elif factory == "triton_op":
+        make = torch.library.triton_op
+    else:
+        raise ValueError(f"factory must be 'custom_op' or 'triton_op', got {factory!r}")
+    make(f"{namespace}::forward", forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
+    make(f"{namespace}::backward", backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
+    register_block_ops(namespace)
