@@ -9,6 +9,7 @@ shared fake implementation and the one autograd formula to them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -66,6 +67,10 @@ class Backend(Protocol):
         """Toolchain versions worth reporting (e.g. triton, cupy, nvcc)."""
         ...
 
+    def kernel_sources(self) -> list[Path]:
+        """Torch-free CUDA sources that ``nvcc -c`` compiles standalone (for the CI check)."""
+        ...
+
 
 class BackendBase:
     """Convenience base: sensible defaults and an idempotent :meth:`load`."""
@@ -101,6 +106,9 @@ class BackendBase:
 
     def versions(self) -> dict[str, str]:
         return {}
+
+    def kernel_sources(self) -> list[Path]:
+        return []
 
     def __repr__(self) -> str:
         return f"<fused3d backend {self.name!r}>"
