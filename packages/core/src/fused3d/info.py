@@ -25,7 +25,9 @@ def environment() -> dict[str, str]:
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(index)
-        facts["gpu"] = f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
+        facts["gpu"] = (
+            f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"
+        )
         facts["gpu count"] = str(torch.cuda.device_count())
     else:
         facts["gpu"] = "none"

@@ -127,7 +127,7 @@ def _make_backward(backward_op: Callable):
         grads = backward_op(
             grad_y.contiguous(), window_index, x, weight, bias, multiplier, *ctx.op_args, wanted
         )
-        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,) * 5
+        return tuple(g if w else None for g, w in zip(grads, wanted, strict=True)) + (None,) * 5
 
     return backward
 
