@@ -1,0 +1,88 @@
+"""Accuracy budget of every backend, in one table (used by the test suite and the benchmark).
+
+Errors are measured against a float64 oracle. Exact paths (float64, IEEE float32) are checked
+element-wise and tight; TF32 and half types normwise (``||out - ref|| / ||ref||``), since their
+per-element error follows the operand rounding, not the result's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    #: Normwise relative error allowed for the forward output.
+    forward: float
+    #: Normwise relative error allowed for each gradient.
+    gradient: float
+    #: Also compare element-wise with ``torch.testing.assert_close(rtol=elementwise, atol=...)``?
+    elementwise: float | None = None
+
+
+#: Precision classes: what the arithmetic is, not only the dtype.
+FLOAT64, IEEE32, TF32, FLOAT16, BFLOAT16 = "float64", "ieee-fp32", "tf32", "float16", "bfloat16"
+
+_DEFAULT = {
+    FLOAT64: Tolerance(forward=1e-12, gradient=1e-12, elementwise=1e-10),
+    # IEEE fp32: accumulation order differs from the oracle's; sums of up to ~10^3 terms.
+    IEEE32: Tolerance(forward=2e-6, gradient=1e-5, elementwise=1e-4),
+    # TF32 operands carry 10 mantissa bits: ~5e-4 relative each, partly cancelling in sums.
+    TF32: Tolerance(forward=2e-3, gradient=5e-3),
+    # Half types: fp32 accumulation, operands and output rounded to 11 / 8 significant bits.
+    FLOAT16: Tolerance(forward=2e-3, gradient=5e-3),
+    BFLOAT16: Tolerance(forward=1.5e-2, gradient=3e-2),
+}
+
+#: One row per backend; a backend absent here uses the default row. Loosen nothing to get green.
+TOLERANCES: dict[str, dict[str, Tolerance]] = {
+    "reference": dict(_DEFAULT),
+    "cuda": dict(_DEFAULT),
+    "triton": dict(_DEFAULT),
+    "cupy": dict(_DEFAULT),
+}
+
+
+def precision_class(dtype: torch.dtype, device_type: str, allow_tf32: bool) -> str:
+    """Which row of the table a call falls in. TF32 exists only for fp32 on a GPU."""
+    if dtype == torch.float64:
+        return FLOAT64
+    if dtype == torch.float16:
+        return FLOAT16
+    if dtype == torch.bfloat16:
+        return BFLOAT16
+    if dtype == torch.float32:
+        return TF32 if (allow_tf32 and device_type == "cuda") else IEEE32
+    raise TypeError(f"no tolerance for dtype {dtype}")
+
+
+def tolerance_for(
+    backend: str, dtype: torch.dtype, device_type: str, allow_tf32: bool
+) -> Tolerance:
+    """The tolerance a backend must meet for one call."""
+    return TOLERANCES.get(backend, _DEFAULT)[precision_class(dtype, device_type, allow_tf32)]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (0 when both are zero-sized or zero).
+
+    Non-finite entries must match exactly (same positions, same infinities); they are then left
+    out of the norm. A mismatch returns ``inf``.
+    """
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape mismatch: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    finite = torch.isfinite(expected)
+    same_nonfinite = torch.equal(torch.isnan(actual), torch.isnan(expected)) and torch.equal(
+        actual[torch.isinf(expected)], expected[torch.isinf(expected)]
+    )
+    if not same_nonfinite or not torch.isfinite(actual[finite]).all():
+        return float("inf")
+    reference_norm = expected[finite].norm().item()
+    error_norm = (actual[finite] - expected[finite]).norm().item()
+    if reference_norm == 0.0:
+        return error_norm
+    return error_norm / reference_norm
