@@ -94,3 +94,9 @@ def validate_inputs(
                 f"padding {config.padding} is too large for input size {tuple(x.shape[2:])} "
                 f"and kernel {config.kernel_size}"
             )
+        if conv < 2:
+            # torch.nn.MaxPool3d(2) refuses an empty output; the fused block does the same.
+            raise ValueError(
+                f"the ConvTranspose3d output has size {conv} on axis {axis}, but "
+                f"MaxPool3d(2) needs at least 2 (x spatial size {tuple(x.shape[2:])})"
+            )

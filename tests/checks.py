@@ -1,0 +1,201 @@
+"""Building inputs, running the backend under test with poisoned outputs, and judging results."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import oracle
+import torch
+
+import fused3d
+from fused3d.config import BlockConfig
+from fused3d.testing import relative_error, tolerance_for
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of the block: the configuration and the sizes."""
+
+    kernel_size: object = 3
+    stride: object = 2
+    padding: object = 1
+    output_padding: object = 1
+    spatial: tuple = (3, 4, 5)
+    batch: int = 2
+    in_channels: int = 3
+    out_channels: int = 5
+    bias: bool = True
+    multiplier_shape: str = "channel"  # "channel": (C,1,1,1); "scalar": (1,1,1,1)
+    negative_multiplier: bool = False
+    negative_slope: float = 0.2
+
+    def config(self) -> BlockConfig:
+        return BlockConfig.from_args(self.kernel_size, self.stride, self.padding,
+                                     self.output_padding, self.negative_slope)
+
+    def op_args(self):
+        c = self.config()
+        return c.stride, c.padding, c.output_padding
+
+    def label(self) -> str:
+        def short(triple):
+            return str(triple[0]) if len(set(triple)) == 1 else "".join(map(str, triple))
+
+        c = self.config()
+        return (f"k{short(c.kernel_size)}s{short(c.stride)}p{short(c.padding)}"
+                f"op{short(c.output_padding)}-n{self.batch}c{self.in_channels}x{self.out_channels}"
+                f"-{'x'.join(map(str, self.spatial))}{'-bias' if self.bias else ''}"
+                f"-{self.multiplier_shape}")
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    multiplier: torch.Tensor
+    case: Case = field(repr=False)
+
+    def tensors(self):
+        return self.x, self.weight, self.bias, self.multiplier
+
+
+def make_inputs(case: Case, dtype, device, generator: torch.Generator) -> Inputs:
+    """Random inputs (never zeros) in ``dtype`` on ``device``; multiplier sign from the case."""
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale)
+
+    config = case.config()
+    fan_in = case.in_channels * max(1, int(torch.tensor(config.kernel_size).prod()))
+    x = rand(case.batch, case.in_channels, *case.spatial)
+    weight = rand(case.in_channels, case.out_channels, *config.kernel_size,
+                  scale=fan_in ** -0.5)
+    bias = rand(case.out_channels, scale=0.3) if case.bias else None
+    channels = case.out_channels if case.multiplier_shape == "channel" else 1
+    multiplier = rand(channels, 1, 1, 1).abs() + 0.25
+    if case.negative_multiplier:
+        multiplier = -multiplier
+    elif channels > 1:
+        multiplier[::3] = -multiplier[::3]  # mixed signs exercise both monotone directions
+    cast = [None if t is None else t.to(device=device, dtype=dtype)
+            for t in (x, weight, bias, multiplier)]
+    return Inputs(*cast, case=case)
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every torch.empty while active is filled: NaN for floats, the max value for integers.
+
+    So an output element a kernel forgot to write shows up as NaN (or window index 255).
+    """
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.utils.deterministic.fill_uninitialized_memory = previous[2]
+
+
+def run_backend(backend_name: str, inputs: Inputs, grad_y: torch.Tensor | None = None,
+                allow_tf32: bool = True):
+    """(y, window_index, grads) from the backend under test, with poisoned allocations.
+
+    ``grads`` is (dx, dweight, dbias, dmultiplier) when ``grad_y`` is given, else None.
+    """
+    case = inputs.case
+    leaves = [None if t is None else t.detach().clone().requires_grad_(grad_y is not None)
+              for t in inputs.tensors()]
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    with poisoned_allocations():
+        y, window_index = fused3d.fused_block_with_index(
+            *leaves, *case.op_args(), case.negative_slope, backend=backend_name
+        )
+        grads = None
+        if grad_y is not None:
+            wanted = [t for t in leaves if t is not None]
+            computed = iter(torch.autograd.grad(y, wanted, grad_y))
+            grads = tuple(next(computed) if t is not None else None for t in leaves)
+    return y.detach(), window_index, grads
+
+
+def random_like_output(y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
+
+
+def max_abs(tensor: torch.Tensor) -> float:
+    """Largest finite magnitude, 1.0 for an empty (or all non-finite) tensor."""
+    finite = tensor[torch.isfinite(tensor)]
+    return float(finite.abs().max()) if finite.numel() else 1.0
+
+
+def unambiguous(values64: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Windows whose best value beats every other by more than ``threshold`` (NaN-free)."""
+    windows = oracle.window_values(values64)
+    top2 = windows.topk(2, dim=-1).values
+    finite = torch.isfinite(windows).all(dim=-1)
+    return finite & ((top2[..., 0] - top2[..., 1]) > threshold)
+
+
+def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Generator,
+                         allow_tf32: bool = True, gradients: bool = True) -> None:
+    """The heart of the suite: forward, window index and the four gradients vs float64."""
+    case = inputs.case
+    stride, padding, output_padding = case.op_args()
+    args = (*inputs.tensors(), stride, padding, output_padding, case.negative_slope)
+    y64, index64, values64 = oracle.forward(*args)
+    probe = torch.empty(y64.shape, dtype=inputs.x.dtype, device=inputs.x.device)
+    grad_y = random_like_output(probe, generator) if gradients else None
+    y, window_index, grads = run_backend(backend_name, inputs, grad_y, allow_tf32)
+
+    tol = tolerance_for(backend_name, inputs.x.dtype, inputs.x.device.type, allow_tf32)
+    assert y.shape == y64.shape and y.dtype == inputs.x.dtype, (y.shape, y.dtype)
+    assert window_index.dtype == torch.uint8 and window_index.shape == y64.shape
+    assert window_index.device == inputs.x.device and y.device == inputs.x.device
+    index = window_index.cpu()
+    assert index.numel() == 0 or int(index.max()) < 8, "window index out of range (unwritten?)"
+
+    # The winner: exactly PyTorch's where the margin exceeds rounding; a maximum otherwise.
+    scale = max_abs(values64)
+    exact = tol.elementwise is not None and inputs.x.dtype == torch.float64
+    threshold = 0.0 if exact else 50 * tol.forward * scale
+    sure = unambiguous(values64, threshold) if not exact else torch.ones_like(index, dtype=bool)
+    mismatched = (index != index64) & sure
+    assert not mismatched.any(), (
+        f"{int(mismatched.sum())} of {index.numel()} windows disagree with PyTorch's winner "
+        f"(first at {mismatched.nonzero()[0].tolist()})"
+    )
+    chosen = torch.gather(oracle.window_values(values64), -1, index.long().unsqueeze(-1))
+    best = y64.unsqueeze(-1)
+    finite = torch.isfinite(best)
+    assert (chosen[finite] >= best[finite] - threshold - 1e-12 * scale).all(), (
+        "a window's chosen position is not a maximum"
+    )
+
+    error = relative_error(y, y64)
+    assert error <= tol.forward, f"forward relative error {error:.3g} > {tol.forward:.3g}"
+    if tol.elementwise is not None:
+        torch.testing.assert_close(y.cpu().double(), y64, rtol=tol.elementwise,
+                                   atol=tol.elementwise * scale, equal_nan=True)
+    if not gradients:
+        return
+
+    expected = oracle.gradients(*args, grad_y, window_index)
+    for name, got, want in zip(("dx", "dweight", "dbias", "dmultiplier"), grads, expected,
+                               strict=True):
+        if want is None:
+            assert got is None, f"{name} should be None"
+            continue
+        assert got.shape == want.shape and got.dtype == inputs.x.dtype, (name, got.shape)
+        error = relative_error(got, want)
+        assert error <= tol.gradient, (
+            f"{name} relative error {error:.3g} > {tol.gradient:.3g}"
+        )
+        if tol.elementwise is not None:
+            grad_scale = max_abs(want)
+            torch.testing.assert_close(got.cpu().double(), want, rtol=tol.elementwise,
+                                       atol=tol.elementwise * grad_scale, equal_nan=True)

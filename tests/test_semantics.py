@@ -1,0 +1,116 @@
+"""Edge semantics: ties, NaN and inf, layouts, determinism (DESIGN section 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checks import Case, check_against_oracle, make_inputs, random_like_output, run_backend
+
+# Kernel 2, stride 2: every conv output takes exactly one tap. With a constant input and a
+# weight that is the same for every tap, all eight values of a window are the same sum in the
+# same order: a tie in any precision, and the first position must win.
+TIE_CASE = Case(kernel_size=2, stride=2, padding=0, output_padding=0, spatial=(2, 3, 2),
+                in_channels=4, out_channels=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_ties_first_position_wins(backend_name, device, generator, dtype):
+    inputs = make_inputs(TIE_CASE, dtype, device, generator)
+    inputs.x = torch.full_like(inputs.x, 0.75)
+    inputs.weight = inputs.weight[:, :, :1, :1, :1].expand_as(inputs.weight).contiguous()
+    grad_y = random_like_output(torch.empty(2, 3, 2, 3, 2, dtype=dtype, device=device), generator)
+    y, window_index, grads = run_backend(backend_name, inputs, grad_y)
+    assert (window_index == 0).all(), f"tie broken wrongly: {window_index.unique().tolist()}"
+    # The gradient reaches only the first position of each window, i.e. the even outputs,
+    # which (kernel 2, stride 2) read weight tap (0, 0, 0) alone.
+    dweight = grads[1]
+    assert (dweight[:, :, 1:, :, :] == 0).all() and (dweight[:, :, 0, 1:, :] == 0).all()
+    assert (dweight[:, :, 0, 0, 1] == 0).all() and (dweight[:, :, 0, 0, 0] != 0).any()
+    check_against_oracle(backend_name, inputs, generator)
+
+
+def _with_special(inputs, value, positions):
+    x = inputs.x.clone()
+    for position in positions:
+        x[position] = value
+    inputs.x = x
+    return inputs
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")],
+                         ids=["nan", "inf", "-inf"])
+def test_nonfinite_inputs(backend_name, device, generator, value):
+    """NaN wins its window (last NaN), +-inf propagate; gradients stay PyTorch's."""
+    case = Case(kernel_size=1, stride=1, padding=0, output_padding=0, spatial=(4, 4, 4),
+                in_channels=1, out_channels=2, bias=False)
+    inputs = make_inputs(case, torch.float64, device, generator)
+    inputs = _with_special(inputs, value, [(0, 0, 0, 0, 1), (0, 0, 0, 1, 0), (1, 0, 3, 3, 3)])
+    check_against_oracle(backend_name, inputs, generator, gradients=value != value)
+    y, window_index, _ = run_backend(backend_name, inputs)
+    if value != value:
+        # Window (0,0,0,0,0) holds NaN at positions 1 (w) and 2 (h): the last one wins.
+        assert torch.isnan(y[0, :, 0, 0, 0]).all()
+        assert (window_index[0, :, 0, 0, 0] == 2).all()
+
+
+def test_nan_in_weight_spreads(backend_name, device, generator):
+    inputs = make_inputs(Case(), torch.float64, device, generator)
+    inputs.weight = inputs.weight.clone()
+    inputs.weight[0, 1, 1, 1, 1] = float("nan")
+    y, window_index, _ = run_backend(backend_name, inputs)
+    assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, 0]).any()
+    check_against_oracle(backend_name, inputs, generator, gradients=False)
+
+
+def test_channels_last_and_noncontiguous(backend_name, device, generator):
+    case = Case(spatial=(3, 4, 4), in_channels=4, out_channels=6)
+    inputs = make_inputs(case, torch.float64, device, generator)
+    inputs.x = inputs.x.to(memory_format=torch.channels_last_3d)
+    assert not inputs.x.is_contiguous()
+    check_against_oracle(backend_name, inputs, generator)
+    wide = make_inputs(Case(**{**case.__dict__, "spatial": (3, 4, 8)}), torch.float64, device,
+                       generator)
+    inputs.x = wide.x[..., ::2]  # strided view
+    inputs.weight = inputs.weight.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not inputs.x.is_contiguous() and not inputs.weight.is_contiguous()
+    check_against_oracle(backend_name, inputs, generator)
+
+
+def test_negative_slope_argument(backend_name, device, generator):
+    case = Case(negative_slope=0.05)
+    check_against_oracle(backend_name, make_inputs(case, torch.float64, device, generator),
+                         generator)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, False),
+                                  (False, False, True, False), (False, False, False, True)],
+                         ids=["x", "weight", "bias", "multiplier"])
+def test_needs_grad_mask(backend_name, device, generator, mask):
+    """Only the requested gradient is produced, and it is right."""
+    import fused3d
+
+    inputs = make_inputs(Case(), torch.float64, device, generator)
+    leaves = [t.detach().clone().requires_grad_(wanted)
+              for t, wanted in zip(inputs.tensors(), mask, strict=True)]
+    y = fused3d.fused_block(*leaves, 2, 1, 1, backend=backend_name)
+    grad_y = random_like_output(y, generator)
+    (target,) = [t for t, wanted in zip(leaves, mask, strict=True) if wanted]
+    (grad,) = torch.autograd.grad(y, [target], grad_y)
+    full = [t.detach().clone().requires_grad_() for t in inputs.tensors()]
+    y_full = fused3d.fused_block(*full, 2, 1, 1, backend=backend_name)
+    expected = torch.autograd.grad(y_full, full, grad_y)[mask.index(True)]
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_run_twice_is_bitwise_identical(backend_name, device, generator, dtype):
+    """Forward, window index and all four gradients are deterministic."""
+    inputs = make_inputs(Case(spatial=(4, 4, 4), in_channels=8, out_channels=8), dtype, device,
+                         generator)
+    grad_y = random_like_output(torch.empty(2, 8, 4, 4, 4, dtype=dtype, device=device), generator)
+    first = run_backend(backend_name, inputs, grad_y)
+    second = run_backend(backend_name, inputs, grad_y)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    for name, a, b in zip(("dx", "dweight", "dbias", "dmultiplier"), first[2], second[2],
+                          strict=True):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
