@@ -8,6 +8,12 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#if defined(__CUDACC__)
+#define FUSED3D_HOST_DEVICE __host__ __device__
+#else
+#define FUSED3D_HOST_DEVICE
+#endif
+
 namespace fused3d_cuda {
 
 // Scalar types the kernels are instantiated for.
@@ -25,10 +31,10 @@ struct BlockShape {
   int multiplier_stride;   // 1 when the multiplier has one value per channel, 0 when one value
   double negative_slope;
 
-  int64_t pooled_numel() const {
+  FUSED3D_HOST_DEVICE int64_t pooled_numel() const {
     return batch * out_channels * (int64_t)pooled_size[0] * pooled_size[1] * pooled_size[2];
   }
-  int64_t input_numel() const {
+  FUSED3D_HOST_DEVICE int64_t input_numel() const {
     return batch * in_channels * (int64_t)in_size[0] * in_size[1] * in_size[2];
   }
   bool is_parity_fast_path() const;  // kernel 3, stride 2, padding 1, output_padding 1
