@@ -1,0 +1,91 @@
+"""Kernel sources and their NVRTC modules.
+
+Each ``kernels/*.cu`` file is one ``cupy.RawModule``: compiled by NVRTC the first time a process
+asks for one of its kernels (CuPy then keeps the cubin in its on-disk cache, keyed by source,
+options and name expressions, so later processes load it without compiling), and loaded once
+per device. ``common.cuh`` is inlined into the source text here, so the cache key covers it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from functools import cache
+from pathlib import Path
+
+KERNEL_DIR = Path(__file__).parent / "kernels"
+COMMON_HEADER = "common.cuh"
+
+#: The template instantiations each module exports (NVRTC name expressions). The .cu files list
+#: the same ones as explicit instantiations for the standalone nvcc build.
+_HALF_TYPES = (("float", "float"), ("double", "double"), ("half_t", "float"), ("bf16_t", "float"))
+NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
+    "general.cu": tuple(
+        f"{kernel}<{t}, {acc}>"
+        for kernel in ("general_forward", "general_grad_z", "general_grad_x",
+                       "general_grad_weight")
+        for t, acc in _HALF_TYPES
+    )
+    + ("channel_reduce<float>", "channel_reduce<double>"),
+    "parity_forward.cu": (
+        "parity_tf32<1, false>",
+        "parity_tf32<2, false>",
+        "parity_tf32<1, true>",
+        "parity_tf32<2, true>",
+        "parity_forward_exact<float, float, 8>",
+        "parity_forward_exact<double, double, 4>",
+        "parity_forward_exact<half_t, float, 8>",
+        "parity_forward_exact<bf16_t, float, 8>",
+    ),
+    # The plain kernels of this file are extern "C": CuPy finds them by name.
+    "parity_backward.cu": ("parity_grad_x_tf32<1>", "parity_grad_x_tf32<2>"),
+}
+
+COMPILE_OPTIONS = ("--std=c++17",)
+
+_lock = threading.Lock()
+
+
+def kernel_sources() -> list[Path]:
+    """The .cu files shipped with the package (each compiles standalone with nvcc)."""
+    return [KERNEL_DIR / name for name in NAME_EXPRESSIONS if (KERNEL_DIR / name).exists()]
+
+
+@cache
+def module_source(file_name: str) -> str:
+    """The source NVRTC compiles: the .cu file with ``common.cuh`` inlined."""
+    text = (KERNEL_DIR / file_name).read_text()
+    header = (KERNEL_DIR / COMMON_HEADER).read_text()
+    return re.sub(r'#include\s+"common\.cuh"', lambda _: header, text)
+
+
+@cache
+def _module(file_name: str):
+    import cupy
+
+    return cupy.RawModule(
+        code=module_source(file_name),
+        options=COMPILE_OPTIONS,
+        name_expressions=list(NAME_EXPRESSIONS[file_name]),
+    )
+
+
+_functions: dict[tuple[int, str, str], object] = {}
+
+
+def get_kernel(file_name: str, name_expression: str, device_index: int):
+    """The compiled kernel ``name_expression`` of ``file_name`` on device ``device_index``.
+
+    The caller has made ``device_index`` CuPy's current device. Cached per device: RawModule
+    compiles once (for the architecture of the device it is first used on, sm_XX, as CuPy
+    chooses) and loads per device.
+    """
+    key = (device_index, file_name, name_expression)
+    function = _functions.get(key)
+    if function is None:
+        with _lock:
+            function = _functions.get(key)
+            if function is None:
+                function = _module(file_name).get_function(name_expression)
+                _functions[key] = function
+    return function

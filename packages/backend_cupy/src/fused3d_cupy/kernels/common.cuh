@@ -1,0 +1,113 @@
+// Shared helpers of the fused3d CuPy kernels. Torch-free and header-free: NVRTC compiles
+// these with no include path (the Python side inlines this file into each kernel source),
+// and nvcc compiles each .cu standalone for the CI resource report.
+#pragma once
+
+// Storage types for the half formats: raw 16-bit patterns, converted with PTX so that no
+// CUDA header (cuda_fp16.h / cuda_bf16.h) has to be found by NVRTC.
+struct half_t {
+    unsigned short bits;
+};
+struct bf16_t {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(half_t v) {
+    float out;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(out) : "h"(v.bits));
+    return out;
+}
+__device__ __forceinline__ float to_acc(bf16_t v) {
+    return __uint_as_float(static_cast<unsigned int>(v.bits) << 16);
+}
+
+template <typename T>
+struct Store;
+template <>
+struct Store<float> {
+    __device__ __forceinline__ static float from(float v) { return v; }
+};
+template <>
+struct Store<double> {
+    __device__ __forceinline__ static double from(double v) { return v; }
+};
+template <>
+struct Store<half_t> {
+    __device__ __forceinline__ static half_t from(float v) {
+        half_t out;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out.bits) : "f"(v));
+        return out;
+    }
+};
+template <>
+struct Store<bf16_t> {
+    __device__ __forceinline__ static bf16_t from(float v) {
+        bf16_t out;
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(out.bits) : "f"(v));
+        return out;
+    }
+};
+
+// LeakyReLU and its slope exactly as PyTorch: t > 0 ? t : t * slope (the negative side at 0).
+template <typename Acc>
+__device__ __forceinline__ Acc leaky(Acc t, Acc slope) {
+    return t > Acc(0) ? t : t * slope;
+}
+template <typename Acc>
+__device__ __forceinline__ Acc leaky_slope(Acc t, Acc slope) {
+    return t > Acc(0) ? Acc(1) : slope;
+}
+
+// The block's activation after the conv: leaky(m * leaky(z)).
+template <typename Acc>
+__device__ __forceinline__ Acc activate(Acc z, Acc m, Acc slope) {
+    return leaky(m * leaky(z, slope), slope);
+}
+
+// PyTorch's max_pool3d update rule, scanning the window in index order (d, then h, then w):
+// take v when `best < v or isnan(v)`. The first maximum wins a tie; the last NaN wins.
+template <typename Acc>
+__device__ __forceinline__ bool pool_takes(Acc best, Acc v) {
+    return best < v || v != v;
+}
+
+// TF32 helpers (sm_80+): round-to-nearest conversion and the m16n8k8 tensor-core MMA.
+__device__ __forceinline__ unsigned int to_tf32(float v) {
+    unsigned int out;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(out) : "f"(v));
+    return out;
+}
+
+// D (16x8, fp32) += A (16x8, tf32, row-major) * B (8x8, tf32, column-major).
+// Fragment layout with g = lane / 4, t = lane % 4:
+//   a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
+//   b0 = B[t][g], b1 = B[t+4][g]
+//   c0 = C[g][2t], c1 = C[g][2t+1], c2 = C[g+8][2t], c3 = C[g+8][2t+1]
+__device__ __forceinline__ void mma_tf32(float (&c)[4], unsigned int a0, unsigned int a1,
+                                         unsigned int a2, unsigned int a3, unsigned int b0,
+                                         unsigned int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Parity split of the kernel-3 / stride-2 / padding-1 / output-padding-1 conv-transpose, per
+// axis: output 2m (parity 0) = x[m] * w[1]; output 2m+1 (parity 1) = x[m] * w[2] + x[m+1] * w[0].
+// So a parity-p output takes input offset a (0 or 1, x[m + a]) through kernel tap:
+__host__ __device__ constexpr int parity_tap(int parity, int offset) {
+    return parity == 0 ? 1 : (offset == 0 ? 2 : 0);
+}
+// Class c = (pd, ph, pw) bits (c = pd*4 + ph*2 + pw, the window index of that output) uses the
+// input offset a = (ad, ah, aw) bits iff a only sets bits that c sets.
+__host__ __device__ constexpr bool class_uses_offset(int cls, int offset) {
+    return (offset & ~cls) == 0;
+}
+// Flat index kd*9 + kh*3 + kw of the weight tap that class `cls` applies at input offset `offset`.
+__host__ __device__ constexpr int class_tap(int cls, int offset) {
+    return parity_tap((cls >> 2) & 1, (offset >> 2) & 1) * 9 +
+           parity_tap((cls >> 1) & 1, (offset >> 1) & 1) * 3 + parity_tap(cls & 1, offset & 1);
+}

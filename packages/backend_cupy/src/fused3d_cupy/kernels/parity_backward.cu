@@ -1,0 +1,282 @@
+// Backward kernels of the parity fast path with TF32 tensor cores (fp32, allow_tf32).
+//
+// Input: grad_z packed by parity_tf32<.., true> (forward file): for every pooled (n, co, q) one
+// word = TF32(dz at the window's winner) with the winner's class c in the 3 low bits. The
+// conv-sized gradient is zero except at winners, so per class c it is the masked matrix
+// DZc[q][co] = (class == c) ? dz : 0, built in registers right before each MMA.
+//
+// With the parity split (common.cuh: pooled q reads x[q + a] through tap class_tap(c, a) for every
+// class c that uses offset a):
+//   dx[m][ci]            = sum_a sum_{c uses a} sum_co DZc[m - a][co] * w[ci][co][tap(c, a)]
+//   dweight[ci][co][tap] = sum_q x[q + a][ci] * DZc[q][co]          (tap = tap(c, a))
+// Both are implicit GEMMs over the same 27 (class, offset) blocks as the forward.
+#include "common.cuh"
+
+// Mask a packed grad_z word to class c: its TF32 value when the winner is c, else 0.
+__device__ __forceinline__ unsigned int masked_class(unsigned int packed, int cls) {
+    return (packed & 7u) == static_cast<unsigned int>(cls) ? (packed & ~7u) : 0u;
+}
+
+// Weight B fragments for dx, in the order the dx kernel reads them, one 8-byte pair per lane:
+// fragment (tap, ks, nt) holds B[k = co][n = ci] = w[ci][co][tap] with co in [8 ks, 8 ks + 8),
+// ci in [8 nt, 8 nt + 8): b0 = B[t][g], b1 = B[t + 4][g] (g = lane / 4, t = lane % 4).
+extern "C" __global__ void __launch_bounds__(256) pack_weight_fragments(const float* __restrict__ weight,
+                                                            unsigned int* __restrict__ fragments,
+                                                            int Cin, int Cout, int ksteps,
+                                                            int ntiles) {
+    const int total = 27 * ksteps * ntiles * 32;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        const int lane = i % 32, nt = (i / 32) % ntiles, ks = (i / (32 * ntiles)) % ksteps;
+        const int tap = i / (32 * ntiles * ksteps);
+        const int g = lane >> 2, t = lane & 3;
+        const int ci = nt * 8 + g;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int co = ks * 8 + t + 4 * half;
+            const float v = (ci < Cin && co < Cout) ? weight[((long long)ci * Cout + co) * 27 + tap]
+                                                    : 0.0f;
+            fragments[2 * i + half] = to_tf32(v);
+        }
+    }
+}
+
+// dx: block = 4 warps over a tile of 1 x 4 x 32 input positions; warp w takes row h0 + w (two
+// m16 tiles along w) for all input channels (NT tiles of 8). The block stages the packed grad_z
+// of pooled positions {tile - 1, tile}^3 for all output channels (dynamic shared memory,
+// channel stride == 8 mod 32 so A-fragment loads are conflict-free); weight fragments come from
+// the packed buffer through the read-only cache. Fixed summation order: deterministic.
+namespace grad_x_tile {
+constexpr int TD = 1, TH = 4, TW = 32;
+constexpr int QD = TD + 1, QH = TH + 1, QW = TW + 1;
+constexpr int QPOS = QD * QH * QW;
+constexpr int CS = ((QPOS - 8 + 31) / 32) * 32 + 8;
+}  // namespace grad_x_tile
+
+template <int NT>
+__global__ void __launch_bounds__(128) parity_grad_x_tf32(
+    const unsigned int* __restrict__ grad_z_packed, const uint2* __restrict__ weight_fragments,
+    float* __restrict__ grad_x, int N, int Cin, int Cout, int D, int H, int W, int ksteps,
+    int tiles_d, int tiles_h, int tiles_w) {
+    using namespace grad_x_tile;
+    extern __shared__ unsigned int zs[];  // [ksteps * 8][CS]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+
+    int rest = blockIdx.x;
+    const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
+    const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
+    const int d0 = (rest % tiles_d) * TD;
+    const int n = rest / tiles_d;
+    const long long spatial = (long long)D * H * W;  // pooled grid == input grid
+
+    // Stage grad_z at pooled (d0 - 1 + qd, h0 - 1 + qh, w0 - 1 + qw); outside the grid: 0.
+    const int channels = ksteps * 8;
+    for (int i = threadIdx.x; i < channels * QPOS; i += 128) {
+        const int co = i / QPOS, pos = i % QPOS;
+        const int qw = pos % QW, qh = (pos / QW) % QH, qd = pos / (QW * QH);
+        const int gd = d0 - 1 + qd, gh = h0 - 1 + qh, gw = w0 - 1 + qw;
+        unsigned int v = 0u;
+        if (co < Cout && gd >= 0 && gh >= 0 && gw >= 0 && gd < D && gh < H && gw < W)
+            v = grad_z_packed[((long long)n * Cout + co) * spatial + ((long long)gd * H + gh) * W +
+                              gw];
+        zs[co * CS + pos] = v;
+    }
+    __syncthreads();
+
+    float acc[2][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.0f;
+
+    for (int ks = 0; ks < ksteps; ++ks) {
+#pragma unroll
+        for (int a = 0; a < 8; ++a) {
+            const int ad = (a >> 2) & 1, ah = (a >> 1) & 1, aw = a & 1;
+            // x[m] takes pooled q = m - a: local (1 - ad, warp + 1 - ah, w + 1 - aw).
+            unsigned int raw[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const int base = ((1 - ad) * QH + (warp + 1 - ah)) * QW + mt * 16 + g + 1 - aw;
+                const unsigned int* lo = zs + (ks * 8 + t) * CS + base;
+                const unsigned int* hi = lo + 4 * CS;
+                raw[mt][0] = lo[0];
+                raw[mt][1] = lo[8];
+                raw[mt][2] = hi[0];
+                raw[mt][3] = hi[8];
+            }
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                if (!class_uses_offset(c, a)) continue;
+                uint2 b[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+                    b[nt] = __ldg(weight_fragments + ((class_tap(c, a) * ksteps + ks) * NT + nt) * 32 +
+                                  lane);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    const unsigned int a0 = masked_class(raw[mt][0], c);
+                    const unsigned int a1 = masked_class(raw[mt][1], c);
+                    const unsigned int a2 = masked_class(raw[mt][2], c);
+                    const unsigned int a3 = masked_class(raw[mt][3], c);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+                        mma_tf32(acc[mt][nt], a0, a1, a2, a3, b[nt].x, b[nt].y);
+                }
+            }
+        }
+    }
+
+    // C rows = positions (g, g + 8), columns = input channels (2t, 2t + 1).
+    const int d = d0, h = h0 + warp;
+    if (d >= D || h >= H) return;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int w = w0 + mt * 16 + g + (r >= 2 ? 8 : 0);
+                const int ci = nt * 8 + 2 * t + (r & 1);
+                if (w < W && ci < Cin)
+                    grad_x[((long long)n * Cin + ci) * spatial + ((long long)d * H + h) * W + w] =
+                        acc[mt][nt][r];
+            }
+}
+
+// dweight: persistent blocks of 4 warps; warp w owns output channels [8 (4 blockIdx.y + w), +8)
+// and keeps all 27 taps' 16 x 8 accumulators (input channels x its channels) in registers over
+// every tile it visits. Per tile (1 x 4 x 32 pooled positions) the block stages x at
+// {tile, tile + 1}^3 (TF32) and the packed grad_z of the tile; the GEMM's K runs over pooled
+// positions, 8 at a time along w. Each block writes its partial sums; partial_sum_reduce adds
+// the partials in block order, so dweight is deterministic.
+namespace grad_w_tile {
+constexpr int TD = 1, TH = 4, TW = 32;
+constexpr int XD = TD + 1, XH = TH + 1, XW = TW + 1;
+constexpr int XPOS = XD * XH * XW;
+// Strides == 4 (mod 8): A loads (lanes: channel g, position t) and B loads (channel g,
+// position t) hit distinct banks.
+constexpr int XS = ((XPOS + 3) / 8) * 8 + 4;
+constexpr int QPOS = TD * TH * TW;
+constexpr int ZS = QPOS + 4;
+}  // namespace grad_w_tile
+
+extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
+    const float* __restrict__ x, const unsigned int* __restrict__ grad_z_packed,
+    float* __restrict__ partial_weight, int N, int Cin, int Cout, int D, int H, int W, int tiles_d,
+    int tiles_h, int tiles_w) {
+    using namespace grad_w_tile;
+    __shared__ unsigned int xs[16 * XS];
+    __shared__ unsigned int zs[32 * ZS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int co_block = blockIdx.y * 32;
+
+    float acc[8][8][4];
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int a = 0; a < 8; ++a)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[c][a][r] = 0.0f;
+
+    const long long spatial = (long long)D * H * W;
+    const int num_tiles = N * tiles_d * tiles_h * tiles_w;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
+        const int d0 = (rest % tiles_d) * TD;
+        const int n = rest / tiles_d;
+
+        __syncthreads();
+        const float* xn = x + (long long)n * Cin * spatial;
+        for (int i = threadIdx.x; i < 16 * XPOS; i += 128) {
+            const int ci = i / XPOS, pos = i % XPOS;
+            const int lw = pos % XW, lh = (pos / XW) % XH, ld = pos / (XW * XH);
+            const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw;
+            float v = 0.0f;
+            if (ci < Cin && gd < D && gh < H && gw < W)
+                v = xn[(long long)ci * spatial + ((long long)gd * H + gh) * W + gw];
+            xs[ci * XS + pos] = to_tf32(v);
+        }
+        for (int i = threadIdx.x; i < 32 * QPOS; i += 128) {
+            const int co_l = i / QPOS, pos = i % QPOS;
+            const int lw = pos % TW, lh = (pos / TW) % TH, ld = pos / (TW * TH);
+            const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw, co = co_block + co_l;
+            unsigned int v = 0u;  // value 0 of class 0: contributes nothing
+            if (co < Cout && gd < D && gh < H && gw < W)
+                v = grad_z_packed[((long long)n * Cout + co) * spatial +
+                                  ((long long)gd * H + gh) * W + gw];
+            zs[co_l * ZS + pos] = v;
+        }
+        __syncthreads();
+
+#pragma unroll 1
+        for (int row = 0; row < TD * TH; ++row) {
+            const int ld = row / TH, lh = row % TH;
+#pragma unroll 1
+            for (int kq = 0; kq < TW / 8; ++kq) {
+                const int q0 = kq * 8 + t;  // this lane's K positions q0 and q0 + 4 along w
+                const unsigned int* zrow = zs + (warp * 8 + g) * ZS + row * TW + q0;
+                const unsigned int z0 = zrow[0], z1 = zrow[4];
+                unsigned int b[8][2];
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    b[c][0] = masked_class(z0, c);
+                    b[c][1] = masked_class(z1, c);
+                }
+#pragma unroll
+                for (int a = 0; a < 8; ++a) {
+                    const int ad = (a >> 2) & 1, ah = (a >> 1) & 1, aw = a & 1;
+                    const unsigned int* xrow =
+                        xs + g * XS + ((ld + ad) * XH + (lh + ah)) * XW + q0 + aw;
+                    const unsigned int a0 = xrow[0], a1 = xrow[8 * XS], a2 = xrow[4],
+                                       a3 = xrow[8 * XS + 4];
+#pragma unroll
+                    for (int c = 0; c < 8; ++c) {
+                        if (!class_uses_offset(c, a)) continue;
+                        mma_tf32(acc[c][a], a0, a1, a2, a3, b[c][0], b[c][1]);
+                    }
+                }
+            }
+        }
+    }
+
+    // C rows = input channels (g, g + 8), columns = output channels (2t, 2t + 1).
+    const int weights = Cin * Cout * 27;
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int a = 0; a < 8; ++a) {
+            if (!class_uses_offset(c, a)) continue;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int ci = g + (r >= 2 ? 8 : 0);
+                const int co = co_block + warp * 8 + 2 * t + (r & 1);
+                if (ci < Cin && co < Cout)
+                    partial_weight[(long long)blockIdx.x * weights + ((long long)ci * Cout + co) * 27 +
+                                   class_tap(c, a)] = acc[c][a][r];
+            }
+        }
+}
+
+// out[i] = sum over parts p = 0, 1, ... of partial[p][i], in that order (deterministic).
+extern "C" __global__ void __launch_bounds__(256) partial_sum_reduce(const float* __restrict__ partial,
+                                                          float* __restrict__ out, int parts,
+                                                          int count) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int p = 0; p < parts; ++p) sum += partial[(long long)p * count + i];
+        out[i] = sum;
+    }
+}
+
+#ifndef __CUDACC_RTC__
+template __global__ void parity_grad_x_tf32<1>(const unsigned int*, const uint2*, float*, int, int,
+                                               int, int, int, int, int, int, int, int);
+template __global__ void parity_grad_x_tf32<2>(const unsigned int*, const uint2*, float*, int, int,
+                                               int, int, int, int, int, int, int, int);
+#endif

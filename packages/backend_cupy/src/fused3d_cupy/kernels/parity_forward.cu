@@ -1,0 +1,347 @@
+// Forward kernels for the parity fast path: kernel 3, stride 2, padding 1, output_padding 1.
+//
+// Per axis the conv-transpose splits by output parity (see parity_tap in common.cuh): output 2m
+// takes x[m] * w[1], output 2m+1 takes x[m] * w[2] + x[m+1] * w[0]. A 2x2x2 pool window holds
+// one output of each of the 8 parity classes (class c = window index c), so pooled position m
+// reads only x at {m, m+1}^3: an implicit GEMM with M = pooled positions, K = 8 input offsets
+// x C_in, N = 8 classes x C_out, of whose 64 (offset, class) blocks 27 are non-zero. The pooled
+// grid equals the input grid (PD = D, PH = H, PW = W). Same algorithm as DESIGN section 7; this
+// file is this backend's own implementation.
+#include "common.cuh"
+
+// ------------------------------------------------------------------ TF32 tensor-core kernel
+// Block: 4 warps; warp w owns output channels [8 * (4 * blockIdx.y + w), +8) and keeps all 27
+// weight taps of its 8 channels in registers as mma B fragments for the whole (persistent)
+// launch. Per tile of TD x TH x TW pooled positions the block stages x at {tile, tile+1}^3 in
+// shared memory (as TF32, channel-major), and each warp walks the tile in 16-position rows
+// (m16 tiles along w). For each of the 8 input offsets it loads the A fragment once and feeds
+// every class that uses the offset, so the 8 class accumulators of one (position, channel) end
+// in the same thread and the pool is a register max.
+namespace tf32_tile {
+constexpr int TD = 2, TH = 4, TW = 32;
+constexpr int XD = TD + 1, XH = TH + 1, XW = TW + 1;
+constexpr int XPOS = XD * XH * XW;
+// Channel stride of the staged tile: >= XPOS and == 8 (mod 32), so the A-fragment loads
+// (lanes: channel t, position g) hit 32 distinct banks.
+constexpr int CS = ((XPOS - 8 + 31) / 32) * 32 + 8;
+constexpr int MTILES = TD * TH * (TW / 16);
+}  // namespace tf32_tile
+
+//
+// GRAD = true is backward step 1 on the same arithmetic (so z is bit-identical to the forward's):
+// instead of pooling, each (position, channel) takes the class the forward chose (window_index),
+// writes grad_z there as a TF32 value with the class in its 3 low bits (TF32 leaves the low 13
+// mantissa bits zero; the dx/dweight kernels mask them off), and sums dbias / dmultiplier per
+// channel: lanes, then a fixed-order shuffle tree, then one partial per block (deterministic).
+template <int KSTEPS, bool GRAD>
+__global__ void __launch_bounds__(128, 2) parity_tf32(
+    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const float* __restrict__ multiplier, float* __restrict__ y,
+    unsigned char* __restrict__ window_index, const float* __restrict__ grad_y,
+    unsigned int* __restrict__ grad_z_packed, float* __restrict__ partial_bias,
+    float* __restrict__ partial_multiplier, int N, int Cin, int Cout, int D, int H, int W,
+    int multiplier_stride, int has_bias, double negative_slope, int tiles_d, int tiles_h,
+    int tiles_w) {
+    using namespace tf32_tile;
+    constexpr int CIN_PAD = 8 * KSTEPS;
+    __shared__ unsigned int xs[CIN_PAD * CS];
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int co_base = (blockIdx.y * 4 + warp) * 8;
+    const float slope = float(negative_slope);
+
+    // B fragments: B[k = ci][n = co] = weight[ci][co][tap]; b0 = B[t][g], b1 = B[t + 4][g].
+    unsigned int bfrag[8][8][KSTEPS][2];
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int a = 0; a < 8; ++a) {
+            if (!class_uses_offset(c, a)) continue;
+#pragma unroll
+            for (int ks = 0; ks < KSTEPS; ++ks)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int ci = ks * 8 + t + 4 * half, co = co_base + g;
+                    const float v = (ci < Cin && co < Cout)
+                                        ? weight[((long long)ci * Cout + co) * 27 + class_tap(c, a)]
+                                        : 0.0f;
+                    bfrag[c][a][ks][half] = to_tf32(v);
+                }
+        }
+
+    // This thread's two output channels (accumulator columns 2t, 2t+1).
+    float chan_bias[2], chan_mult[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int co = co_base + 2 * t + j;
+        chan_bias[j] = (has_bias && co < Cout) ? bias[co] : 0.0f;
+        chan_mult[j] = co < Cout ? multiplier[co * multiplier_stride] : 0.0f;
+    }
+
+    float sum_bias[2] = {0.0f, 0.0f}, sum_multiplier[2] = {0.0f, 0.0f};  // GRAD only
+    const long long spatial = (long long)D * H * W;
+    const int num_tiles = N * tiles_d * tiles_h * tiles_w;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
+        const int d0 = (rest % tiles_d) * TD;
+        const int n = rest / tiles_d;
+
+        __syncthreads();  // the previous tile's fragments have been read
+        const float* xn = x + (long long)n * Cin * spatial;
+        for (int i = threadIdx.x; i < CIN_PAD * XPOS; i += 128) {
+            const int ci = i / XPOS, pos = i % XPOS;
+            const int lw = pos % XW, lh = (pos / XW) % XH, ld = pos / (XW * XH);
+            const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw;
+            float v = 0.0f;  // x beyond the edge contributes nothing (x[m+1] at m = last)
+            if (ci < Cin && gd < D && gh < H && gw < W)
+                v = xn[(long long)ci * spatial + ((long long)gd * H + gh) * W + gw];
+            xs[ci * CS + pos] = to_tf32(v);
+        }
+        __syncthreads();
+
+        for (int mt = 0; mt < MTILES; ++mt) {
+            const int ld = mt / (TH * 2), lh = (mt / 2) % TH, lw0 = (mt % 2) * 16;
+            if (d0 + ld >= D || h0 + lh >= H || w0 + lw0 >= W) continue;  // warp-uniform
+            float acc[8][4];
+#pragma unroll
+            for (int c = 0; c < 8; ++c)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[c][r] = 0.0f;
+
+#pragma unroll
+            for (int a = 0; a < 8; ++a) {
+                const int ad = (a >> 2) & 1, ah = (a >> 1) & 1, aw = a & 1;
+                const int base = ((ld + ad) * XH + (lh + ah)) * XW + lw0 + aw + g;
+                unsigned int afrag[KSTEPS][4];
+#pragma unroll
+                for (int ks = 0; ks < KSTEPS; ++ks) {
+                    const unsigned int* lo = xs + (ks * 8 + t) * CS + base;
+                    const unsigned int* hi = lo + 4 * CS;
+                    afrag[ks][0] = lo[0];
+                    afrag[ks][1] = lo[8];
+                    afrag[ks][2] = hi[0];
+                    afrag[ks][3] = hi[8];
+                }
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    if (!class_uses_offset(c, a)) continue;
+#pragma unroll
+                    for (int ks = 0; ks < KSTEPS; ++ks)
+                        mma_tf32(acc[c], afrag[ks][0], afrag[ks][1], afrag[ks][2], afrag[ks][3],
+                                 bfrag[c][a][ks][0], bfrag[c][a][ks][1]);
+                }
+            }
+
+            // Epilogue: bias, leaky, * multiplier, leaky, then the pool over the 8 classes in
+            // window-index order with PyTorch's rule.
+            const int pd = d0 + ld, ph = h0 + lh;
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const int j = r & 1;
+                const int pw = w0 + lw0 + g + (r >= 2 ? 8 : 0);
+                const int co = co_base + 2 * t + j;
+                if (GRAD) {
+                    if (pw < W && co < Cout) {
+                        const long long e = (((long long)n * Cout + co) * D + pd) * (long long)H * W +
+                                            (long long)ph * W + pw;
+                        const int win = window_index[e];
+                        float z = acc[0][r];
+#pragma unroll
+                        for (int c = 1; c < 8; ++c) z = (c == win) ? acc[c][r] : z;
+                        z += chan_bias[j];
+                        const float m = chan_mult[j];
+                        const float u = leaky(z, slope);
+                        const float outer = grad_y[e] * leaky_slope(m * u, slope);
+                        const float dz = outer * m * leaky_slope(z, slope);
+                        sum_bias[j] += dz;
+                        sum_multiplier[j] += outer * u;
+                        grad_z_packed[e] = (to_tf32(dz) & ~7u) | static_cast<unsigned int>(win);
+                    }
+                    continue;
+                }
+                float best = 0.0f;
+                int best_index = 0;
+#pragma unroll
+                for (int c = 0; c < 8; ++c) {
+                    const float v = activate(acc[c][r] + chan_bias[j], chan_mult[j], slope);
+                    if (c == 0 || pool_takes(best, v)) {
+                        best = v;
+                        best_index = c;
+                    }
+                }
+                if (pw < W && co < Cout) {
+                    const long long e = (((long long)n * Cout + co) * D + pd) * (long long)H * W +
+                                        (long long)ph * W + pw;
+                    y[e] = best;
+                    window_index[e] = static_cast<unsigned char>(best_index);
+                }
+            }
+        }
+    }
+    if (GRAD) {
+        // Fixed-order tree over the 8 lanes (g) that share this thread's channels.
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int mask = 4; mask < 32; mask <<= 1) {
+                sum_bias[j] += __shfl_xor_sync(0xffffffffu, sum_bias[j], mask);
+                sum_multiplier[j] += __shfl_xor_sync(0xffffffffu, sum_multiplier[j], mask);
+            }
+        if (g == 0) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int co = co_base + 2 * t + j;
+                if (co < Cout) {
+                    partial_bias[(long long)blockIdx.x * Cout + co] = sum_bias[j];
+                    partial_multiplier[(long long)blockIdx.x * Cout + co] = sum_multiplier[j];
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ exact (SIMT) kernel
+// For IEEE fp32 (TF32 off), float64, and fp16/bf16 with fp32 accumulation. Block: 8 warps over
+// a TD x TH x TW = 2 x 2 x 32 tile of pooled positions and 4 * CO_T output channels; warp w takes
+// depth row w / 4 and channel group w % 4, lane = w position, and each thread computes both h
+// rows, CO_T channels and all 8 classes (2 * 8 * CO_T accumulators). Input channels stream
+// through shared memory in chunks of CI; weights are read as warp-wide broadcasts.
+namespace simt_tile {
+constexpr int TD = 2, TH = 2, TW = 32, CI = 8;
+constexpr int XD = TD + 1, XH = TH + 1, XW = TW + 1;
+constexpr int XPOS = XD * XH * XW;
+}  // namespace simt_tile
+
+template <typename T, typename Acc, int CO_T>
+__global__ void __launch_bounds__(256, 1) parity_forward_exact(
+    const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
+    const T* __restrict__ multiplier, T* __restrict__ y, unsigned char* __restrict__ window_index,
+    int N, int Cin, int Cout, int D, int H, int W, int multiplier_stride, int has_bias,
+    double negative_slope, int tiles_d, int tiles_h, int tiles_w) {
+    using namespace simt_tile;
+    constexpr int COB = 4 * CO_T;
+    __shared__ Acc xs[CI][XPOS];
+    __shared__ __align__(16) Acc ws[CI][27][COB];
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int group = warp & 3, ld = warp >> 2;
+    const Acc slope = Acc(negative_slope);
+
+    int rest = blockIdx.x;
+    const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
+    const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
+    const int d0 = (rest % tiles_d) * TD;
+    const int n = rest / tiles_d;
+    const int co_block = blockIdx.y * COB;
+    const long long spatial = (long long)D * H * W;
+    const T* xn = x + (long long)n * Cin * spatial;
+
+    Acc acc[TH][8][CO_T];
+#pragma unroll
+    for (int p = 0; p < TH; ++p)
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+#pragma unroll
+            for (int j = 0; j < CO_T; ++j) acc[p][c][j] = Acc(0);
+
+    for (int ci0 = 0; ci0 < Cin; ci0 += CI) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < CI * XPOS; i += 256) {
+            const int ci = i / XPOS, pos = i % XPOS;
+            const int lw = pos % XW, lh = (pos / XW) % XH, lz = pos / (XW * XH);
+            const int gd = d0 + lz, gh = h0 + lh, gw = w0 + lw;
+            Acc v = Acc(0);
+            if (ci0 + ci < Cin && gd < D && gh < H && gw < W)
+                v = to_acc(xn[(long long)(ci0 + ci) * spatial + ((long long)gd * H + gh) * W + gw]);
+            xs[ci][pos] = v;
+        }
+        for (int i = threadIdx.x; i < CI * 27 * COB; i += 256) {
+            const int co_l = i % COB, tap = (i / COB) % 27, ci = i / (27 * COB);
+            const int co = co_block + co_l;
+            Acc v = Acc(0);
+            if (ci0 + ci < Cin && co < Cout)
+                v = to_acc(weight[((long long)(ci0 + ci) * Cout + co) * 27 + tap]);
+            ws[ci][tap][co_l] = v;
+        }
+        __syncthreads();
+
+#pragma unroll 1
+        for (int ci = 0; ci < CI; ++ci) {
+            Acc xv[2][TH + 1][2];  // [ad][h row 0..TH][aw]
+#pragma unroll
+            for (int ad = 0; ad < 2; ++ad)
+#pragma unroll
+                for (int hh = 0; hh < TH + 1; ++hh)
+#pragma unroll
+                    for (int aw = 0; aw < 2; ++aw)
+                        xv[ad][hh][aw] = xs[ci][((ld + ad) * XH + hh) * XW + lane + aw];
+#pragma unroll
+            for (int c = 0; c < 8; ++c)
+#pragma unroll
+                for (int a = 0; a < 8; ++a) {
+                    if (!class_uses_offset(c, a)) continue;
+                    const int ad = (a >> 2) & 1, ah = (a >> 1) & 1, aw = a & 1;
+                    Acc wv[CO_T];
+#pragma unroll
+                    for (int j = 0; j < CO_T; ++j) wv[j] = ws[ci][class_tap(c, a)][group * CO_T + j];
+#pragma unroll
+                    for (int p = 0; p < TH; ++p)
+#pragma unroll
+                        for (int j = 0; j < CO_T; ++j)
+                            acc[p][c][j] += xv[ad][p + ah][aw] * wv[j];
+                }
+        }
+    }
+
+    const int pd = d0 + ld, pw = w0 + lane;
+#pragma unroll
+    for (int j = 0; j < CO_T; ++j) {
+        const int co = co_block + group * CO_T + j;
+        if (co >= Cout) continue;
+        const Acc b = has_bias ? to_acc(bias[co]) : Acc(0);
+        const Acc m = to_acc(multiplier[co * multiplier_stride]);
+#pragma unroll
+        for (int p = 0; p < TH; ++p) {
+            const int ph = h0 + p;
+            Acc best = Acc(0);
+            int best_index = 0;
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+                const Acc v = activate(acc[p][c][j] + b, m, slope);
+                if (c == 0 || pool_takes(best, v)) {
+                    best = v;
+                    best_index = c;
+                }
+            }
+            if (pd < D && ph < H && pw < W) {
+                const long long e =
+                    (((long long)n * Cout + co) * D + pd) * (long long)H * W + (long long)ph * W + pw;
+                y[e] = Store<T>::from(best);
+                window_index[e] = static_cast<unsigned char>(best_index);
+            }
+        }
+    }
+}
+
+#ifndef __CUDACC_RTC__
+#define FUSED3D_INSTANTIATE_TF32(KSTEPS, GRAD)                                                \
+    template __global__ void parity_tf32<KSTEPS, GRAD>(                                        \
+        const float*, const float*, const float*, const float*, float*, unsigned char*,       \
+        const float*, unsigned int*, float*, float*, int, int, int, int, int, int, int, int,  \
+        double, int, int, int);
+FUSED3D_INSTANTIATE_TF32(1, false)
+FUSED3D_INSTANTIATE_TF32(2, false)
+FUSED3D_INSTANTIATE_TF32(1, true)
+FUSED3D_INSTANTIATE_TF32(2, true)
+#define FUSED3D_INSTANTIATE_EXACT(T, Acc, CO_T)                                                \
+    template __global__ void parity_forward_exact<T, Acc, CO_T>(                               \
+        const T*, const T*, const T*, const T*, T*, unsigned char*, int, int, int, int, int,   \
+        int, int, int, double, int, int, int);
+FUSED3D_INSTANTIATE_EXACT(float, float, 8)
+FUSED3D_INSTANTIATE_EXACT(double, double, 4)
+FUSED3D_INSTANTIATE_EXACT(half_t, float, 8)
+FUSED3D_INSTANTIATE_EXACT(bf16_t, float, 8)
+#endif
