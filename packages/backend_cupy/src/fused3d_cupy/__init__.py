@@ -38,7 +38,7 @@ class CupyBackend(BackendBase):
     def unavailable_reasons(self) -> list[str]:
         reasons = []
         try:
-            import cupy  # noqa: F401
+            import cupy
         except Exception as error:  # ImportError, or a CuPy built for another CUDA
             reasons.append(f"cupy cannot be imported ({error}); install it: {INSTALL_HINT}")
         if not torch.cuda.is_available():

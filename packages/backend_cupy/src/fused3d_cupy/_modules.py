@@ -20,13 +20,17 @@ COMMON_HEADER = "common.cuh"
 #: the same ones as explicit instantiations for the standalone nvcc build.
 _HALF_TYPES = (("float", "float"), ("double", "double"), ("half_t", "float"), ("bf16_t", "float"))
 NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
-    "general.cu": tuple(
-        f"{kernel}<{t}, {acc}>"
-        for kernel in ("general_forward", "general_grad_z", "general_grad_x",
-                       "general_grad_weight")
-        for t, acc in _HALF_TYPES
-    )
-    + ("channel_reduce<float>", "channel_reduce<double>"),
+    "general.cu": (
+        *(
+            f"{kernel}<{t}, {acc}>"
+            for kernel in (
+                "general_forward", "general_grad_z", "general_grad_x", "general_grad_weight"
+            )
+            for t, acc in _HALF_TYPES
+        ),
+        "channel_reduce<float>",
+        "channel_reduce<double>",
+    ),
     "parity_forward.cu": (
         "parity_tf32<1, false>",
         "parity_tf32<2, false>",
