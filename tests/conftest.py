@@ -13,7 +13,6 @@ import torch
 
 import fused3d
 from fused3d.backend import CallSpec
-from fused3d.config import BlockConfig
 from fused3d.info import environment
 from fused3d.registry import ENV_VAR, backend_names
 
@@ -51,7 +50,7 @@ def device_skip_reason(device_type: str, dtype: torch.dtype = torch.float32) -> 
         return "no CUDA device on this machine"
     backend = fused3d.get_backend(BACKEND_NAME)
     reasons = backend.unavailable_reasons() or backend.unsupported_reasons(
-        CallSpec(device_type, dtype, BlockConfig.from_args(3, 2, 1, 1))
+        CallSpec(device_type, dtype)
     )
     if reasons:
         return f"backend {BACKEND_NAME!r} cannot run on {device_type}: " + "; ".join(reasons)

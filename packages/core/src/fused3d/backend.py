@@ -14,7 +14,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .config import BlockConfig
 
 
 class BackendError(RuntimeError):
@@ -27,15 +26,15 @@ class UnknownBackendError(ValueError):
 
 @dataclass(frozen=True)
 class CallSpec:
-    """What a backend needs to know to accept or refuse a call.
+    """What a backend needs to know to accept or refuse a call: device type and dtype.
 
-    Only static facts (device type, dtype, configuration): backend selection happens once per
-    distinct spec and is a constant under ``torch.compile``, so it must not look at tensor data.
+    Backend selection is a constant under ``torch.compile`` (even with ``dynamic=True``), so it
+    sees no shapes and no configuration: every backend serves every configuration the contract
+    allows (a fast path where it can, a general path elsewhere).
     """
 
     device_type: str
     dtype: torch.dtype
-    config: BlockConfig
 
 
 @runtime_checkable

@@ -35,13 +35,7 @@ def fused_block_with_index(
         negative_slope,
     )
     validate_inputs(x, weight, bias, multiplier, config)
-    namespace = resolve_namespace(
-        backend,
-        x.device.type,
-        x.dtype,
-        (config.kernel_size, config.stride, config.padding, config.output_padding,
-         config.negative_slope),
-    )
+    namespace = resolve_namespace(backend, x.device.type, x.dtype)
     forward = getattr(torch.ops, namespace).forward
     # The kernels read dense row-major tensors; .contiguous() is free when they already are
     # and differentiable when they are not (channels_last_3d, slices).

@@ -20,7 +20,6 @@ from importlib import metadata
 import torch
 
 from .backend import Backend, BackendError, CallSpec, UnknownBackendError
-from .config import BlockConfig
 
 ENTRY_POINT_GROUP = "fused3d.backends"
 ENV_VAR = "FUSED3D_BACKEND"
@@ -108,7 +107,7 @@ def available_backends() -> list[BackendStatus]:
 def requested_backend(explicit: str | None = None) -> str:
     """The backend name in force: argument, then context, then environment, then ``auto``."""
     for candidate in (explicit, _context_backend.get(), os.environ.get(ENV_VAR)):
-        if candidate:
+        if candidate and candidate.strip():
             return candidate.strip().lower()
     return AUTO
 
@@ -182,19 +181,9 @@ def select_backend(explicit: str | None, spec: CallSpec) -> Backend:
 
 
 @torch.compiler.assume_constant_result
-def resolve_namespace(
-    explicit: str | None,
-    device_type: str,
-    dtype: torch.dtype,
-    config: tuple,
-) -> str:
+def resolve_namespace(explicit: str | None, device_type: str, dtype: torch.dtype) -> str:
     """The ``torch.ops`` namespace serving a call. A constant while ``torch.compile`` traces.
 
-    Takes plain values (not tensors) so that Dynamo can run it once at trace time.
+    Takes plain values (not tensors, no shapes) so that Dynamo can run it once at trace time.
     """
-    kernel_size, stride, padding, output_padding, negative_slope = config
-    spec = CallSpec(
-        device_type, dtype, BlockConfig(kernel_size, stride, padding, output_padding,
-                                        negative_slope)
-    )
-    return select_backend(explicit, spec).namespace
+    return select_backend(explicit, CallSpec(device_type, dtype)).namespace

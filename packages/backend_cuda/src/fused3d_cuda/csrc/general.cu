@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) general_grad_weight_kernel(
   if (threadIdx.x == 0) grad_w[blockIdx.x] = from_acc<T>(acc);
 }
 
-dim3 grid_2d(int64_t rows, int64_t per_row) {
+inline dim3 grid_2d(int64_t rows, int64_t per_row) {
   const int64_t x_blocks = (per_row + kThreads - 1) / kThreads;
   return dim3((unsigned)(x_blocks < 1 ? 1 : (x_blocks > 65535 ? 65535 : x_blocks)),
               (unsigned)(rows > 65535 ? 65535 : rows));
@@ -317,7 +317,7 @@ cudaError_t general_backward_typed(const BlockShape s, const BackwardArgs& a,
 
 using namespace general_impl;
 
-cudaError_t launch_general_forward(const BlockShape s, DType dtype, const ForwardArgs& a,
+cudaError_t launch_general_forward(const BlockShape& s, DType dtype, const ForwardArgs& a,
                                    cudaStream_t stream) {
   switch (dtype) {
     case DType::Float32: return general_forward_typed<float>(s, a, stream);
@@ -328,12 +328,12 @@ cudaError_t launch_general_forward(const BlockShape s, DType dtype, const Forwar
   return cudaErrorInvalidValue;
 }
 
-int64_t general_backward_workspace_bytes(const BlockShape s, DType dtype) {
+int64_t general_backward_workspace_bytes(const BlockShape& s, DType dtype) {
   const int64_t acc_bytes = dtype == DType::Float64 ? 8 : 4;
   return 2 * s.pooled_numel() * acc_bytes;
 }
 
-cudaError_t launch_general_backward(const BlockShape s, DType dtype, const BackwardArgs& a,
+cudaError_t launch_general_backward(const BlockShape& s, DType dtype, const BackwardArgs& a,
                                     cudaStream_t stream) {
   switch (dtype) {
     case DType::Float32: return general_backward_typed<float>(s, a, stream);

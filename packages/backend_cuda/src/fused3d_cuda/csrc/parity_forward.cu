@@ -324,9 +324,9 @@ __global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
   }
 }
 
-int ci_padded_of(const BlockShape& s) { return (s.in_channels + 7) / 8 * 8; }
+inline int ci_padded_of(const BlockShape& s) { return (s.in_channels + 7) / 8 * 8; }
 
-size_t forward_smem_bytes(const BlockShape& s) {
+inline size_t forward_smem_bytes(const BlockShape& s) {
   const int cip = ci_padded_of(s);
   return sizeof(float) * ((size_t)kTaps * cip * kCoTile + 2 * (size_t)cip * kXStride + 2 * kCoTile);
 }

@@ -1,0 +1,604 @@
+"""Triton kernels of the fused block (forward and backward).
+
+Layouts (all contiguous, row-major):
+  x       (N, C_in, D, H, W)            weight (C_in, C_out, KD, KH, KW)
+  y, idx  (N, C_out, Dp, Hp, Wp)        dz     (N, C_out, Dp, Hp, Wp), compute dtype
+``dz`` is the gradient of the conv output at each window's winner (pooled-size, never
+conv-size); with the window index it is the sparse conv-output gradient.
+
+Two families:
+* ``general_*``: any kernel/stride/padding/output_padding. Each program owns a tile of pooled
+  positions x output channels and loops over the 8 window positions and all kernel taps, with
+  masks for taps that do not land on an input (an implicit GEMM with a gathered A operand).
+* ``parity_*``: kernel 3, stride 2, padding 1, output_padding 1. Per axis, even output 2m reads
+  x[m]*w[1]; odd output 2m+1 reads x[m]*w[2] + x[m+1]*w[0]. A pool window holds one output of
+  each of the 8 parity classes (window index == parity class), so pooled position m reads only
+  x at {m, m+1}^3, and class (cd, ch, cw) is one dense dot with (1+cd)(1+ch)(1+cw) taps:
+  27 taps in all, none wasted.
+
+float64 has no tensor-core dot: ``IS_FP64`` switches every product to an fp64 FMA reduction.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _slope(slope_bits, IS_FP64: tl.constexpr):
+    # The slope travels as the int64 bit pattern of the float64 value: a plain float argument
+    # would be rounded to float32, which the float64 path must not do.
+    slope64 = slope_bits.to(tl.int64).to(tl.float64, bitcast=True)
+    if IS_FP64:
+        slope = slope64
+    else:
+        slope = slope64.to(tl.float32)
+    return slope
+
+
+@triton.jit
+def _leaky(t, slope):
+    return tl.where(t > 0, t, t * slope)
+
+
+@triton.jit
+def _leaky_grad(t, slope):
+    # d leaky / dt with PyTorch's choice at t == 0 (the negative side).
+    return tl.where(t > 0, 1.0, slope).to(t.dtype)
+
+
+@triton.jit
+def _mma(acc, a, b, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b: tensor cores for fp32/fp16/bf16, an exact FMA reduction for fp64."""
+    if IS_FP64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _compute_zeros(BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        out = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float64)
+    else:
+        out = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    return out
+
+
+@triton.jit
+def _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, like, HAS_BIAS: tl.constexpr):
+    """(bias, multiplier) for a block of output channels, in the dtype of ``like``."""
+    mult = tl.load(m_ptr + offs_co * m_stride, mask=co_mask, other=0.0).to(like.dtype)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_co, mask=co_mask, other=0.0).to(like.dtype)
+    else:
+        bias = tl.zeros_like(mult)
+    return bias, mult
+
+
+# --------------------------------------------------------------------------- general path
+
+
+@triton.jit
+def _general_window_z(
+    x_ptr, w_ptr, x_base, pd, ph, pw, p_mask, offs_co, co_mask,
+    C_in, C_out, D, H, W, KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+    IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """Conv-transpose output (no bias) at window position (WD, WH, WW) of each pooled position.
+
+    Output o receives input i through tap k when o = i*s - pad + k, i.e. i = (o + pad - k) / s
+    must be an integer inside the input.
+    """
+    od = 2 * pd + WD
+    oh = 2 * ph + WH
+    ow = 2 * pw + WW
+    spatial = D * H * W
+    taps = KD * KH * KW
+    acc = _compute_zeros(BLOCK_P, BLOCK_CO, IS_FP64)
+    ci_range = tl.arange(0, BLOCK_CI)
+    for kd in range(KD):
+        td = od + PAD_D - kd
+        id_ = td // SD
+        valid_d = (td >= 0) & (td - id_ * SD == 0) & (id_ < D)
+        for kh in range(KH):
+            th = oh + PAD_H - kh
+            ih = th // SH
+            valid_h = (th >= 0) & (th - ih * SH == 0) & (ih < H)
+            for kw in range(KW):
+                tw = ow + PAD_W - kw
+                iw = tw // SW
+                valid_w = (tw >= 0) & (tw - iw * SW == 0) & (iw < W)
+                valid = p_mask & valid_d & valid_h & valid_w
+                position = tl.where(valid, (id_ * H + ih) * W + iw, 0)
+                tap = (kd * KH + kh) * KW + kw
+                for ci0 in range(0, C_in, BLOCK_CI):
+                    ci = ci0 + ci_range
+                    ci_mask = ci < C_in
+                    a = tl.load(
+                        x_ptr + x_base[:, None] + ci[None, :] * spatial + position[:, None],
+                        mask=valid[:, None] & ci_mask[None, :], other=0.0,
+                    )
+                    b = tl.load(
+                        w_ptr + ci[:, None] * (C_out * taps) + offs_co[None, :] * taps + tap,
+                        mask=ci_mask[:, None] & co_mask[None, :], other=0.0,
+                    )
+                    acc = _mma(acc, a, b, IS_FP64, PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["slope_bits"])
+def general_forward_kernel(
+    x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, idx_ptr,
+    P_total, C_in, C_out, D, H, W, Dp, Hp, Wp,
+    KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+    m_stride, slope_bits,
+    HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P_total
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < C_out
+    pooled = Dp * Hp * Wp
+    n = offs_p // pooled
+    s = offs_p - n * pooled
+    pd = s // (Hp * Wp)
+    ph = (s // Wp) % Hp
+    pw = s % Wp
+    n64 = n.to(tl.int64)
+    x_base = n64 * C_in * (D * H * W)
+    slope = _slope(slope_bits, IS_FP64)
+    bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
+
+    # Max-pool scan in index order (d, h, w) with PyTorch's rule: update when best < v or
+    # isnan(v). Starting from (-inf, 0) gives the same result as starting from window 0.
+    best = _compute_zeros(BLOCK_P, BLOCK_CO, IS_FP64) - float("inf")
+    best_index = tl.zeros([BLOCK_P, BLOCK_CO], dtype=tl.int32)
+    for c in tl.static_range(8):
+        z = _general_window_z(
+            x_ptr, w_ptr, x_base, pd, ph, pw, p_mask, offs_co, co_mask,
+            C_in, C_out, D, H, W, KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+            (c >> 2) & 1, (c >> 1) & 1, c & 1,
+            IS_FP64, PRECISION, BLOCK_P, BLOCK_CI, BLOCK_CO,
+        )
+        z = z + bias[None, :]
+        value = _leaky(mult[None, :] * _leaky(z, slope), slope)
+        update = (best < value) | (value != value)
+        best = tl.where(update, value, best)
+        best_index = tl.where(update, c, best_index)
+
+    out = (n64 * C_out * pooled + s)[:, None] + offs_co[None, :] * pooled
+    mask = p_mask[:, None] & co_mask[None, :]
+    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(idx_ptr + out, best_index.to(tl.uint8), mask=mask)
+
+
+@triton.jit(do_not_specialize=["slope_bits"])
+def general_dz_kernel(
+    gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, db_part_ptr, dm_part_ptr,
+    P_total, C_in, C_out, D, H, W, Dp, Hp, Wp,
+    KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+    m_stride, slope_bits,
+    HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dz (conv-output gradient at each winner) plus per-program dbias / dmultiplier partials.
+
+    Recomputes the conv value z of every window position and keeps the winner's:
+    u = leaky(z), v = m*u, y = leaky(v);  dz = g*leaky'(v)*m*leaky'(z),  dm = g*leaky'(v)*u.
+    """
+    pid_p = tl.program_id(0)
+    pid_co = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < P_total
+    offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < C_out
+    pooled = Dp * Hp * Wp
+    n = offs_p // pooled
+    s = offs_p - n * pooled
+    pd = s // (Hp * Wp)
+    ph = (s // Wp) % Hp
+    pw = s % Wp
+    n64 = n.to(tl.int64)
+    x_base = n64 * C_in * (D * H * W)
+    slope = _slope(slope_bits, IS_FP64)
+    bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
+
+    out = (n64 * C_out * pooled + s)[:, None] + offs_co[None, :] * pooled
+    mask = p_mask[:, None] & co_mask[None, :]
+    g = tl.load(gy_ptr + out, mask=mask, other=0.0).to(slope.dtype)
+    winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
+
+    dz = _compute_zeros(BLOCK_P, BLOCK_CO, IS_FP64)
+    dm = _compute_zeros(BLOCK_P, BLOCK_CO, IS_FP64)
+    for c in tl.static_range(8):
+        z = _general_window_z(
+            x_ptr, w_ptr, x_base, pd, ph, pw, p_mask, offs_co, co_mask,
+            C_in, C_out, D, H, W, KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+            (c >> 2) & 1, (c >> 1) & 1, c & 1,
+            IS_FP64, PRECISION, BLOCK_P, BLOCK_CI, BLOCK_CO,
+        )
+        z = z + bias[None, :]
+        inner = _leaky(z, slope)
+        g_outer = tl.where(winner == c, g * _leaky_grad(mult[None, :] * inner, slope), 0.0)
+        dz += g_outer * mult[None, :] * _leaky_grad(z, slope)
+        dm += g_outer * inner
+    tl.store(dz_ptr + out, dz, mask=mask)
+    tl.store(db_part_ptr + pid_p * C_out + offs_co, tl.sum(dz, axis=0), mask=co_mask)
+    tl.store(dm_part_ptr + pid_p * C_out + offs_co, tl.sum(dm, axis=0), mask=co_mask)
+
+
+@triton.jit
+def _sparse_grad_at(
+    dz_ptr, idx_ptr, i_d, i_h, i_w, i_mask, dz_base, offs_co, co_mask,
+    kd, kh, kw, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+):
+    """Conv-output gradient at o = i*s - pad + k: dz of the pooled window holding o when o is
+    that window's winner, else 0 (also 0 outside every window)."""
+    od = i_d * SD - PAD_D + kd
+    oh = i_h * SH - PAD_H + kh
+    ow = i_w * SW - PAD_W + kw
+    valid = (
+        i_mask & (od >= 0) & (od < 2 * Dp) & (oh >= 0) & (oh < 2 * Hp)
+        & (ow >= 0) & (ow < 2 * Wp)
+    )
+    od = tl.where(valid, od, 0)
+    oh = tl.where(valid, oh, 0)
+    ow = tl.where(valid, ow, 0)
+    code = (od % 2) * 4 + (oh % 2) * 2 + (ow % 2)
+    position = ((od // 2) * Hp + oh // 2) * Wp + ow // 2
+    offsets = dz_base[:, None] + position[:, None] + offs_co[None, :] * (Dp * Hp * Wp)
+    mask = valid[:, None] & co_mask[None, :]
+    grad = tl.load(dz_ptr + offsets, mask=mask, other=0.0)
+    winner = tl.load(idx_ptr + offsets, mask=mask, other=8).to(tl.int32)
+    return tl.where(winner == code[:, None], grad, 0.0)
+
+
+@triton.jit
+def general_dx_kernel(
+    dz_ptr, idx_ptr, w_ptr, dx_ptr,
+    I_total, C_in, C_out, D, H, W, Dp, Hp, Wp,
+    KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+    IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dx = the adjoint of the conv-transpose (a plain convolution) applied to the sparse dz:
+    dx[i, ci] = sum over taps k and co of dzconv[i*s - pad + k, co] * w[ci, co, k]."""
+    pid_i = tl.program_id(0)
+    pid_ci = tl.program_id(1)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    i_mask = offs_i < I_total
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_mask = offs_ci < C_in
+    spatial = D * H * W
+    n = offs_i // spatial
+    s = offs_i - n * spatial
+    i_d = s // (H * W)
+    i_h = (s // W) % H
+    i_w = s % W
+    n64 = n.to(tl.int64)
+    dz_base = n64 * C_out * (Dp * Hp * Wp)
+    taps = KD * KH * KW
+    co_range = tl.arange(0, BLOCK_CO)
+    acc = _compute_zeros(BLOCK_I, BLOCK_CI, IS_FP64)
+    for tap in range(taps):
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        for co0 in range(0, C_out, BLOCK_CO):
+            offs_co = co0 + co_range
+            co_mask = offs_co < C_out
+            grad = _sparse_grad_at(
+                dz_ptr, idx_ptr, i_d, i_h, i_w, i_mask, dz_base, offs_co, co_mask,
+                kd, kh, kw, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+            )
+            w_t = tl.load(
+                w_ptr + offs_ci[None, :] * (C_out * taps) + offs_co[:, None] * taps + tap,
+                mask=ci_mask[None, :] & co_mask[:, None], other=0.0,
+            ).to(grad.dtype)
+            acc = _mma(acc, grad, w_t, IS_FP64, PRECISION)
+    out = (n64 * C_in * spatial + s)[:, None] + offs_ci[None, :] * spatial
+    tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty),
+             mask=i_mask[:, None] & ci_mask[None, :])
+
+
+@triton.jit
+def general_dw_kernel(
+    dz_ptr, idx_ptr, x_ptr, dw_part_ptr,
+    I_total, I_chunk, C_in, C_out, D, H, W, Dp, Hp, Wp,
+    KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+    IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """Per-chunk partial of dw[ci, co, k] = sum over inputs i of x[i, ci] * dzconv[o(i, k), co].
+
+    Grid: (tap, chunk of input positions, channel tile). Partials are reduced on the host in
+    a fixed order (no atomics: deterministic)."""
+    tap = tl.program_id(0)
+    chunk = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    n_co_blocks = tl.cdiv(C_out, BLOCK_CO)
+    offs_ci = (pid_c // n_co_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = (pid_c % n_co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci_mask = offs_ci < C_in
+    co_mask = offs_co < C_out
+    kd = tap // (KH * KW)
+    kh = (tap // KW) % KH
+    kw = tap % KW
+    spatial = D * H * W
+    acc = _compute_zeros(BLOCK_CI, BLOCK_CO, IS_FP64)
+    start = chunk * I_chunk
+    stop = tl.minimum(start + I_chunk, I_total)
+    for i0 in range(start, stop, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        i_mask = offs_i < stop
+        n = offs_i // spatial
+        s = offs_i - n * spatial
+        n64 = n.to(tl.int64)
+        grad = _sparse_grad_at(
+            dz_ptr, idx_ptr, s // (H * W), (s // W) % H, s % W, i_mask,
+            n64 * C_out * (Dp * Hp * Wp), offs_co, co_mask,
+            kd, kh, kw, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+        )
+        x_t = tl.load(
+            x_ptr + (n64 * C_in * spatial + s)[None, :] + offs_ci[:, None] * spatial,
+            mask=ci_mask[:, None] & i_mask[None, :], other=0.0,
+        ).to(grad.dtype)
+        acc = _mma(acc, x_t, grad, IS_FP64, PRECISION)
+    taps = KD * KH * KW
+    out = chunk * (C_in * C_out * taps) + offs_ci[:, None] * (C_out * taps) \
+        + offs_co[None, :] * taps + tap
+    tl.store(dw_part_ptr + out, acc, mask=ci_mask[:, None] & co_mask[None, :])
+
+
+# --------------------------------------------------------------------------- parity path
+
+
+@triton.jit
+def _parity_operands(
+    x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
+    CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    """A [BLOCK_M, T*BLOCK_CI] (x at the class's input offsets) and B [T*BLOCK_CI, BLOCK_CO]
+    (the class's weight taps) for parity class (CD, CH, CW), T = (1+CD)(1+CH)(1+CW).
+
+    Per axis, class 0 has one tap (offset 0, k=1); class 1 has two: (offset 0, k=2) and
+    (offset 1, k=0), i.e. k = 1 + c*(1 - 2*offset).
+    """
+    k = tl.arange(0, (1 + CD) * (1 + CH) * (1 + CW) * BLOCK_CI)
+    t = k // BLOCK_CI
+    ci = k % BLOCK_CI
+    off_d = t // ((1 + CH) * (1 + CW))
+    off_h = (t // (1 + CW)) % (1 + CH)
+    off_w = t % (1 + CW)
+    tap = ((1 + CD * (1 - 2 * off_d)) * 3 + (1 + CH * (1 - 2 * off_h))) * 3 \
+        + (1 + CW * (1 - 2 * off_w))
+    ci_mask = ci < C_in
+    spatial = D * H * W
+    a_mask = (
+        m_mask[:, None] & ci_mask[None, :]
+        & (m_d[:, None] + off_d[None, :] < D)
+        & (m_h[:, None] + off_h[None, :] < H)
+        & (m_w[:, None] + off_w[None, :] < W)
+    )
+    a = tl.load(
+        x_ptr + x_row[:, None] + (ci * spatial + (off_d * H + off_h) * W + off_w)[None, :],
+        mask=a_mask, other=0.0,
+    )
+    b = tl.load(
+        w_ptr + (ci * (C_out * 27) + tap)[:, None] + offs_co[None, :] * 27,
+        mask=ci_mask[:, None] & co_mask[None, :], other=0.0,
+    )
+    return a, b, ci, ci_mask, tap
+
+
+@triton.jit(do_not_specialize=["slope_bits"])
+def parity_forward_kernel(
+    x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, idx_ptr,
+    M_total, C_in, C_out, D, H, W, m_stride, slope_bits,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """Fast forward: pooled grid == input grid; one program = BLOCK_M pooled positions x all
+    output channels; 8 class dots (27 taps), epilogue and max-pool in registers."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M_total
+    spatial = D * H * W
+    n = offs_m // spatial
+    s = offs_m - n * spatial
+    m_d = s // (H * W)
+    m_h = (s // W) % H
+    m_w = s % W
+    n64 = n.to(tl.int64)
+    x_row = n64 * C_in * spatial + s
+    offs_co = tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < C_out
+    slope = _slope(slope_bits, False)
+    bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
+
+    # Window index == parity class; scan in index order with PyTorch's rule (see general).
+    best = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32) - float("inf")
+    best_index = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.int32)
+    for c in tl.static_range(8):
+        a, b, _ci, _ci_mask, _tap = _parity_operands(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
+            (c >> 2) & 1, (c >> 1) & 1, c & 1, BLOCK_CI,
+        )
+        z = tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32) + bias[None, :]
+        value = _leaky(mult[None, :] * _leaky(z, slope), slope)
+        update = (best < value) | (value != value)
+        best = tl.where(update, value, best)
+        best_index = tl.where(update, c, best_index)
+
+    out = (n64 * C_out * spatial + s)[:, None] + offs_co[None, :] * spatial
+    mask = m_mask[:, None] & co_mask[None, :]
+    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(idx_ptr + out, best_index.to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _parity_class_backward(
+    x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
+    bias, mult, slope, g, winner, dw_acc,
+    CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+    BLOCK_CI: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DW: tl.constexpr,
+):
+    """One parity class of the backward: recompute z, keep the winners' dz and dm, and add
+    this class's weight gradient A^T @ dz_class (only winners of this class are non-zero, and
+    there z is this class's value, so no second pass is needed)."""
+    a, b, _ci, _ci_mask, _tap = _parity_operands(
+        x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
+        CD, CH, CW, BLOCK_CI,
+    )
+    z = tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32) + bias[None, :]
+    inner = _leaky(z, slope)
+    g_outer = tl.where(winner == CD * 4 + CH * 2 + CW,
+                       g * _leaky_grad(mult[None, :] * inner, slope), 0.0)
+    dz = g_outer * mult[None, :] * _leaky_grad(z, slope)
+    dm = g_outer * inner
+    if COMPUTE_DW:
+        dw_acc = tl.dot(tl.trans(a.to(tl.float32)), dz, dw_acc, input_precision=PRECISION)
+    return dz, dm, dw_acc
+
+
+@triton.jit
+def _store_parity_dw(
+    dw_part_ptr, acc, C_in, C_out, offs_co, co_mask,
+    CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_CI: tl.constexpr,
+):
+    k = tl.arange(0, (1 + CD) * (1 + CH) * (1 + CW) * BLOCK_CI)
+    t = k // BLOCK_CI
+    ci = k % BLOCK_CI
+    off_d = t // ((1 + CH) * (1 + CW))
+    off_h = (t // (1 + CW)) % (1 + CH)
+    off_w = t % (1 + CW)
+    tap = ((1 + CD * (1 - 2 * off_d)) * 3 + (1 + CH * (1 - 2 * off_h))) * 3 \
+        + (1 + CW * (1 - 2 * off_w))
+    out = (ci * (C_out * 27) + tap)[:, None] + offs_co[None, :] * 27
+    tl.store(dw_part_ptr + out, acc, mask=(ci < C_in)[:, None] & co_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["slope_bits"])
+def parity_backward_kernel(
+    gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, dw_part_ptr, db_part_ptr, dm_part_ptr,
+    M_total, C_in, C_out, D, H, W, m_stride, slope_bits,
+    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """Fused backward (fast path), persistent: each program walks blocks of pooled positions
+    and produces dz (for dx), and its own partials of dweight, dbias and dmultiplier."""
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    spatial = D * H * W
+    offs_co = tl.arange(0, BLOCK_CO)
+    co_mask = offs_co < C_out
+    slope = _slope(slope_bits, False)
+    bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
+
+    dw0 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw1 = tl.zeros([2 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw2 = tl.zeros([2 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw3 = tl.zeros([4 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw4 = tl.zeros([2 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw5 = tl.zeros([4 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw6 = tl.zeros([4 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    dw7 = tl.zeros([8 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    dm_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+
+    for block in range(pid, tl.cdiv(M_total, BLOCK_M), n_programs):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M_total
+        n = offs_m // spatial
+        s = offs_m - n * spatial
+        m_d = s // (H * W)
+        m_h = (s // W) % H
+        m_w = s % W
+        n64 = n.to(tl.int64)
+        x_row = n64 * C_in * spatial + s
+        out = (n64 * C_out * spatial + s)[:, None] + offs_co[None, :] * spatial
+        mask = m_mask[:, None] & co_mask[None, :]
+        g = tl.load(gy_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
+        dz, dm, dw0 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw0, 0, 0, 0, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz_c, dm_c, dw1 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw1, 0, 0, 1, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        dz_c, dm_c, dw2 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw2, 0, 1, 0, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        dz_c, dm_c, dw3 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw3, 0, 1, 1, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        dz_c, dm_c, dw4 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw4, 1, 0, 0, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        dz_c, dm_c, dw5 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw5, 1, 0, 1, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        dz_c, dm_c, dw6 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw6, 1, 1, 0, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        dz_c, dm_c, dw7 = _parity_class_backward(
+            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
+            co_mask, bias, mult, slope, g, winner, dw7, 1, 1, 1, BLOCK_CI, PRECISION,
+            COMPUTE_DW,
+        )
+        dz += dz_c
+        dm += dm_c
+        if STORE_DZ:
+            tl.store(dz_ptr + out, dz, mask=mask)
+        db_acc += tl.sum(dz, axis=0)
+        dm_acc += tl.sum(dm, axis=0)
+
+    tl.store(db_part_ptr + pid * C_out + offs_co, db_acc, mask=co_mask)
+    tl.store(dm_part_ptr + pid * C_out + offs_co, dm_acc, mask=co_mask)
+    if COMPUTE_DW:
+        part = dw_part_ptr + pid * (C_in * C_out * 27)
+        _store_parity_dw(part, dw0, C_in, C_out, offs_co, co_mask, 0, 0, 0, BLOCK_CI)
+        _store_parity_dw(part, dw1, C_in, C_out, offs_co, co_mask, 0, 0, 1, BLOCK_CI)
+        _store_parity_dw(part, dw2, C_in, C_out, offs_co, co_mask, 0, 1, 0, BLOCK_CI)
+        _store_parity_dw(part, dw3, C_in, C_out, offs_co, co_mask, 0, 1, 1, BLOCK_CI)
+        _store_parity_dw(part, dw4, C_in, C_out, offs_co, co_mask, 1, 0, 0, BLOCK_CI)
+        _store_parity_dw(part, dw5, C_in, C_out, offs_co, co_mask, 1, 0, 1, BLOCK_CI)
+        _store_parity_dw(part, dw6, C_in, C_out, offs_co, co_mask, 1, 1, 0, BLOCK_CI)
+        _store_parity_dw(part, dw7, C_in, C_out, offs_co, co_mask, 1, 1, 1, BLOCK_CI)

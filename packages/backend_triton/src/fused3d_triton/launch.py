@@ -1,0 +1,330 @@
+"""Op bodies of the Triton backend: choose a kernel family and block shapes, launch.
+
+Every launch goes through ``torch.library.wrap_triton`` so that ``torch.compile`` sees the
+kernels (the ops are ``torch.library.triton_op``s). Block shapes of the fast-path kernels are
+autotuned on the GPU, keyed on the problem shape and precision; under the interpreter
+(``TRITON_INTERPRET=1``, CPU tensors) and during CUDA-graph capture one fixed config runs.
+"""
+
+import os
+import struct
+from typing import Optional
+
+import torch
+import triton
+from fused3d.ops import (
+    config_from_op_args,
+    empty_outputs,
+    finish_channel_grad,
+    skipped_grad,
+)
+from torch.library import wrap_triton
+
+from . import _interpreter_compat, kernels
+
+#: Fast path limits: the whole channel range of one program fits in registers.
+FAST_MAX_IN_CHANNELS = 32
+FAST_MAX_OUT_CHANNELS = 64
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if interpreting():
+    _interpreter_compat.apply()
+
+
+def _slope_bits(negative_slope: float) -> int:
+    # int64 bit pattern of the float64 slope (see kernels._slope).
+    return struct.unpack("<q", struct.pack("<d", float(negative_slope)))[0]
+
+
+def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
+    # TF32 only for float32 on a GPU with the switch on; the interpreter computes plain fp32.
+    if allow_tf32 and x.dtype == torch.float32 and x.is_cuda and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def _pow2(value: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(int(value), 1))))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_fixed_config(x: torch.Tensor) -> bool:
+    """Autotuning benchmarks with host syncs: not in the interpreter, not while capturing."""
+    if interpreting() or not x.is_cuda:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _uses_parity_path(x: torch.Tensor, weight: torch.Tensor, config) -> bool:
+    return (
+        config.is_parity_fast_path
+        and x.dtype != torch.float64
+        and weight.shape[0] <= FAST_MAX_IN_CHANNELS
+        and weight.shape[1] <= FAST_MAX_OUT_CHANNELS
+    )
+
+
+def _general_blocks(x: torch.Tensor, c_in: int, c_out: int) -> tuple[int, int, int, int]:
+    """(BLOCK_positions, BLOCK_CI, BLOCK_CO, num_warps) for the general kernels."""
+    if x.dtype == torch.float64:
+        # The fp64 FMA reduction materialises a [P, CI, CO] product: keep it small on a GPU.
+        if interpreting() or not x.is_cuda:
+            return 64, _pow2(c_in, 1, 32), _pow2(c_out, 1, 32), 4
+        return 32, _pow2(c_in, 1, 8), _pow2(c_out, 1, 16), 4
+    if interpreting() or not x.is_cuda:
+        return 64, _pow2(c_in, 16, 64), _pow2(c_out, 16, 64), 4
+    return 64, _pow2(c_in, 16, 32), _pow2(c_out, 16, 64), 4
+
+
+def _num_sms(x: torch.Tensor) -> int:
+    if x.is_cuda and not interpreting():
+        return torch.cuda.get_device_properties(x.device).multi_processor_count
+    return 2
+
+
+# --------------------------------------------------------------------------- autotuned kernels
+
+_PARITY_FORWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
+    for bm in (64, 128)
+    for nw in (4, 8)
+    for ns in (1, 2)
+]
+_PARITY_BACKWARD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
+    for bm in (32, 64)
+    for nw in (4, 8)
+    for ns in (1, 2)
+]
+_DX_CONFIGS = [
+    triton.Config({"BLOCK_I": bi, "BLOCK_CO": bco}, num_warps=nw, num_stages=ns)
+    for bi in (64, 128)
+    for bco in (32,)
+    for nw in (4, 8)
+    for ns in (2, 3)
+]
+_SHAPE_KEY = ["C_in", "C_out", "D", "H", "W", "PRECISION"]
+
+parity_forward_tuned = triton.autotune(
+    _PARITY_FORWARD_CONFIGS, key=["M_total", *_SHAPE_KEY, "HAS_BIAS"]
+)(kernels.parity_forward_kernel)
+parity_backward_tuned = triton.autotune(
+    _PARITY_BACKWARD_CONFIGS, key=["M_total", *_SHAPE_KEY, "HAS_BIAS", "STORE_DZ", "COMPUTE_DW"]
+)(kernels.parity_backward_kernel)
+dx_tuned = triton.autotune(
+    _DX_CONFIGS, key=["I_total", *_SHAPE_KEY, "KD", "KH", "KW", "SD", "SH", "SW"]
+)(kernels.general_dx_kernel)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def triton_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    multiplier: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    negative_slope: float,
+    allow_tf32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused3d_triton::forward``: (y, window_index), ONE kernel launch."""
+    config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
+    y, window_index = empty_outputs(x, weight, stride, padding, output_padding)
+    if y.numel() == 0:
+        return y, window_index
+    n, c_in, d, h, w = x.shape
+    c_out = weight.shape[1]
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else multiplier
+    m_stride = 0 if multiplier.numel() == 1 else 1
+    precision = _precision(x, allow_tf32)
+    slope = _slope_bits(negative_slope)
+
+    if _uses_parity_path(x, weight, config):
+        m_total = n * d * h * w
+        block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
+        args = (x, weight, bias_arg, multiplier, y, window_index, m_total, c_in, c_out, d, h, w,
+                m_stride, slope)
+        if _use_fixed_config(x):
+            block_m = 64
+            wrap_triton(kernels.parity_forward_kernel)[(triton.cdiv(m_total, block_m),)](
+                *args, HAS_BIAS=has_bias, PRECISION=precision, BLOCK_M=block_m,
+                BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
+            )
+        else:
+            wrap_triton(parity_forward_tuned)[
+                lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),)
+            ](*args, HAS_BIAS=has_bias, PRECISION=precision, BLOCK_CI=block_ci,
+              BLOCK_CO=block_co)
+        return y, window_index
+
+    dp, hp, wp = y.shape[2:]
+    p_total = n * dp * hp * wp
+    block_p, block_ci, block_co, warps = _general_blocks(x, c_in, c_out)
+    grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
+    wrap_triton(kernels.general_forward_kernel)[grid](
+        x, weight, bias_arg, multiplier, y, window_index,
+        p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
+        *config.padding, m_stride, slope,
+        HAS_BIAS=has_bias, IS_FP64=x.dtype == torch.float64, PRECISION=precision,
+        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=warps,
+    )
+    return y, window_index
+
+
+# --------------------------------------------------------------------------- backward
+
+
+def _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64):
+    n, c_in, d, h, w = dx.shape
+    c_out = weight.shape[1]
+    dp, hp, wp = window_index.shape[2:]
+    i_total = n * d * h * w
+    block_i, block_ci, block_co, warps = _general_blocks(dx, c_in, c_out)
+    args = (dz, window_index, weight, dx, i_total, c_in, c_out, d, h, w, dp, hp, wp,
+            *config.kernel_size, *config.stride, *config.padding)
+    if is_fp64 or _use_fixed_config(dx):
+        grid = (triton.cdiv(i_total, block_i), triton.cdiv(c_in, block_ci))
+        wrap_triton(kernels.general_dx_kernel)[grid](
+            *args, IS_FP64=is_fp64, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
+            BLOCK_CO=block_co, num_warps=warps,
+        )
+    else:
+        wrap_triton(dx_tuned)[
+            lambda meta: (triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci))
+        ](*args, IS_FP64=False, PRECISION=precision, BLOCK_CI=block_ci)
+
+
+def _launch_general_dw(dz, window_index, x, dw_shape, config, precision, is_fp64):
+    n, c_in, d, h, w = x.shape
+    c_out = dw_shape[1]
+    dp, hp, wp = window_index.shape[2:]
+    i_total = n * d * h * w
+    taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
+    block_i, block_ci, block_co, warps = _general_blocks(x, c_in, c_out)
+    if x.is_cuda and not interpreting():
+        chunks = max(1, min(triton.cdiv(i_total, 4 * block_i), 4 * _num_sms(x) // taps))
+    else:
+        chunks = 1
+    i_chunk = triton.cdiv(triton.cdiv(i_total, chunks), block_i) * block_i
+    chunks = triton.cdiv(i_total, i_chunk)
+    partials = x.new_empty((chunks, c_in, c_out, taps), dtype=dz.dtype)
+    grid = (taps, chunks, triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co))
+    wrap_triton(kernels.general_dw_kernel)[grid](
+        dz, window_index, x, partials, i_total, i_chunk, c_in, c_out, d, h, w, dp, hp, wp,
+        *config.kernel_size, *config.stride, *config.padding,
+        IS_FP64=is_fp64, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
+        BLOCK_CO=block_co, num_warps=warps,
+    )
+    # Fixed-order reduction over chunks: deterministic.
+    return partials.sum(dim=0).reshape(dw_shape)
+
+
+def triton_backward(
+    grad_y: torch.Tensor,
+    window_index: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    multiplier: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    negative_slope: float,
+    allow_tf32: bool,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused3d_triton::backward``: (dx, dweight, dbias, dmultiplier); unwanted ones empty."""
+    want_x, want_weight, want_bias, want_multiplier = output_mask
+    want_bias = bool(want_bias) and bias is not None
+    config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
+    dx, dweight = skipped_grad(x), skipped_grad(weight)
+    dbias = skipped_grad(bias if bias is not None else x)
+    dmultiplier = skipped_grad(multiplier)
+    if not (want_x or want_weight or want_bias or want_multiplier):
+        return dx, dweight, dbias, dmultiplier
+
+    n, c_in, d, h, w = x.shape
+    c_out = weight.shape[1]
+    compute = _compute_dtype(x.dtype)
+    if window_index.numel() == 0 or x.numel() == 0:
+        # No window (batch 0, or a conv output under 2 wide): every gradient is zero.
+        if want_x:
+            dx = torch.zeros_like(x)
+        if want_weight:
+            dweight = torch.zeros_like(weight)
+        if want_bias:
+            dbias = torch.zeros_like(bias)
+        if want_multiplier:
+            dmultiplier = torch.zeros_like(multiplier)
+        return dx, dweight, dbias, dmultiplier
+
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else multiplier
+    m_stride = 0 if multiplier.numel() == 1 else 1
+    precision = _precision(x, allow_tf32)
+    slope = _slope_bits(negative_slope)
+    is_fp64 = x.dtype == torch.float64
+    dz = torch.empty(window_index.shape, dtype=compute, device=x.device)
+
+    if _uses_parity_path(x, weight, config):
+        m_total = n * d * h * w
+        block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
+        programs = _num_sms(x)
+        dw_partials = x.new_empty((programs, c_in, c_out, 27), dtype=torch.float32) if (
+            want_weight) else dz
+        db_partials = x.new_empty((programs, c_out), dtype=torch.float32)
+        dm_partials = x.new_empty((programs, c_out), dtype=torch.float32)
+        args = (grad_y, window_index, x, weight, bias_arg, multiplier, dz, dw_partials,
+                db_partials, dm_partials, m_total, c_in, c_out, d, h, w, m_stride, slope)
+        flags = {"HAS_BIAS": has_bias, "STORE_DZ": bool(want_x),
+                 "COMPUTE_DW": bool(want_weight), "PRECISION": precision}
+        if _use_fixed_config(x):
+            wrap_triton(kernels.parity_backward_kernel)[(programs,)](
+                *args, **flags, BLOCK_M=32, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
+            )
+        else:
+            wrap_triton(parity_backward_tuned)[(programs,)](
+                *args, **flags, BLOCK_CI=block_ci, BLOCK_CO=block_co,
+            )
+        if want_weight:
+            dweight = dw_partials.sum(dim=0).reshape(weight.shape).to(weight.dtype)
+    else:
+        dp, hp, wp = window_index.shape[2:]
+        p_total = n * dp * hp * wp
+        block_p, block_ci, block_co, warps = _general_blocks(x, c_in, c_out)
+        grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
+        db_partials = x.new_zeros((grid[0], c_out), dtype=compute)
+        dm_partials = x.new_zeros((grid[0], c_out), dtype=compute)
+        wrap_triton(kernels.general_dz_kernel)[grid](
+            grad_y, window_index, x, weight, bias_arg, multiplier, dz, db_partials, dm_partials,
+            p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
+            *config.padding, m_stride, slope,
+            HAS_BIAS=has_bias, IS_FP64=is_fp64, PRECISION=precision,
+            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=warps,
+        )
+        if want_weight:
+            dweight = _launch_general_dw(
+                dz, window_index, x, weight.shape, config, precision, is_fp64
+            ).to(weight.dtype)
+
+    if want_x:
+        dx = torch.empty_like(x)
+        _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64)
+    if want_bias:
+        dbias = finish_channel_grad(db_partials.sum(dim=0), bias)
+    if want_multiplier:
+        dmultiplier = finish_channel_grad(dm_partials.sum(dim=0), multiplier)
+    return dx, dweight, dbias, dmultiplier
