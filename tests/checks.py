@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-import oracle
 import torch
 
 import fused3d
 from fused3d.config import BlockConfig
 from fused3d.testing import relative_error, tolerance_for
+
+import oracle
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE_TYPES, device_skip_reason
 
 import fused3d
 from fused3d import BackendError, UnknownBackendError
+
+from conftest import DEVICE_TYPES, device_skip_reason
 
 
 def _device_for_checks() -> str:
@@ -81,7 +82,8 @@ def test_negative_slope_must_be_finite_float(backend_name):
 
 
 def test_unknown_backend_lists_known_names(backend_name):
-    with pytest.raises(UnknownBackendError, match=rf"unknown fused3d backend 'nope'.*{backend_name}"):
+    pattern = rf"unknown fused3d backend 'nope'.*{backend_name}"
+    with pytest.raises(UnknownBackendError, match=pattern):
         _call("nope")
     with pytest.raises(UnknownBackendError, match=r"known backends: auto, .*reference"):
         with fused3d.use_backend("nope"):

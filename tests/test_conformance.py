@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from checks import Case, check_against_oracle, make_inputs
 
 # Kernel 1-5, stride 1-3, padding, output_padding < stride, tuples, odd sizes, batch 0/1,

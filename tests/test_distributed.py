@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import device_skip_reason
 
 HERE = os.path.dirname(__file__)

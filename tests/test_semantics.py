@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from checks import Case, check_against_oracle, make_inputs, random_like_output, run_backend
 
 # Kernel 2, stride 2: every conv output takes exactly one tap. With a constant input and a
@@ -19,7 +20,7 @@ def test_ties_first_position_wins(backend_name, device, generator, dtype):
     inputs.x = torch.full_like(inputs.x, 0.75)
     inputs.weight = inputs.weight[:, :, :1, :1, :1].expand_as(inputs.weight).contiguous()
     grad_y = random_like_output(torch.empty(2, 3, 2, 3, 2, dtype=dtype, device=device), generator)
-    y, window_index, grads = run_backend(backend_name, inputs, grad_y)
+    _, window_index, grads = run_backend(backend_name, inputs, grad_y)
     assert (window_index == 0).all(), f"tie broken wrongly: {window_index.unique().tolist()}"
     # The gradient reaches only the first position of each window, i.e. the even outputs,
     # which (kernel 2, stride 2) read weight tap (0, 0, 0) alone.
@@ -57,7 +58,7 @@ def test_nan_in_weight_spreads(backend_name, device, generator):
     inputs = make_inputs(Case(), torch.float64, device, generator)
     inputs.weight = inputs.weight.clone()
     inputs.weight[0, 1, 1, 1, 1] = float("nan")
-    y, window_index, _ = run_backend(backend_name, inputs)
+    y, _, _ = run_backend(backend_name, inputs)
     assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, 0]).any()
     check_against_oracle(backend_name, inputs, generator, gradients=False)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checks import Case, make_inputs, random_like_output, run_backend
 
 import fused3d
+
+from checks import Case, make_inputs, random_like_output, run_backend
 
 
 def _namespace(backend_name):

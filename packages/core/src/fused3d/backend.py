@@ -15,7 +15,6 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
-
 class BackendError(RuntimeError):
     """A backend was asked for that cannot run the call; the message lists the reasons."""
 

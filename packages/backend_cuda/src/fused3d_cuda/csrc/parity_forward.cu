@@ -20,58 +20,6 @@ namespace parity {
 constexpr int kThreads = 256;  // 8 warps; warp w owns h-line w of the tile
 constexpr int kTaps = 27;
 
-__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool valid) {
-  const unsigned dst_addr = (unsigned)__cvta_generic_to_shared(dst);
-  const int bytes = valid ? 4 : 0;  // 0 source bytes: the copy writes zero
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_addr), "l"(src),
-               "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-// Stage one x halo tile: fp32 through cp.async (asynchronous), other types converted inline.
-template <typename T>
-__device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockShape& s,
-                                             TileCoord c, int ci_padded) {
-  if constexpr (std::is_same<T, float>::value) {
-    const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-    const int64_t spatial = (int64_t)D * H * W;
-    const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
-    const int total = ci_padded * kHalo;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-      const int ci = e / kHalo;
-      const int r = e - ci * kHalo;
-      const int ww = r % kHaloW;
-      const int hh = (r / kHaloW) % kHaloH;
-      const int dd = r / (kHaloW * kHaloH);
-      const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
-      const bool valid = ci < s.in_channels && id < D && ih < H && iw < W;
-      const float* src = valid ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : x;
-      cp_async_f32(xs + ci * kXStride + r, src, valid);
-    }
-  } else {
-    load_x_tile<T, false>(xs, x, s, c, ci_padded);
-  }
-}
-
-// Round an fp32 bit pattern to the nearest TF32 (ties away), as cvt.rna.tf32.f32 does.
-__device__ __forceinline__ uint32_t round_tf32_bits(float v) {
-  return (__float_as_uint(v) + 0x1000u) & 0xffffe000u;
-}
-
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], float b0,
-                                         float b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(__float_as_uint(b0)),
-        "r"(__float_as_uint(b1)));
-}
-
 // Epilogue value of one conv output, then PyTorch's pool update into (best, packed index).
 __device__ __forceinline__ void fold_into_pool(float z, float bias, float m, float slope,
                                                int cls, float& best, uint32_t& win_bytes,
@@ -118,41 +66,7 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 #pragma unroll
   for (int cls = 0; cls < 8; ++cls) {
     float acc[2][4][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
-#pragma unroll
-    for (int o = 0; o < 8; ++o) {
-      if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
-      const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
-                    tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
-      const int p0 = halo_pos(o, hl, g);
-      for (int kk = 0; kk < ksteps; ++kk) {
-        const float* xa = xs + (kk * 8 + t) * kXStride + p0;
-        uint32_t a[2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const float v0 = xa[mt * 16], v1 = xa[mt * 16 + 8];
-          const float v2 = xa[4 * kXStride + mt * 16], v3 = xa[4 * kXStride + mt * 16 + 8];
-          a[mt][0] = kRound ? round_tf32_bits(v0) : __float_as_uint(v0);
-          a[mt][1] = kRound ? round_tf32_bits(v1) : __float_as_uint(v1);
-          a[mt][2] = kRound ? round_tf32_bits(v2) : __float_as_uint(v2);
-          a[mt][3] = kRound ? round_tf32_bits(v3) : __float_as_uint(v3);
-        }
-        const float4* wb = ws4 + ((k * ksteps + kk) * 2) * 32 + lane;
-        const float4 b01 = wb[0], b23 = wb[32];
-#pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          mma_tf32(acc[mt][0], a[mt], b01.x, b01.y);
-          mma_tf32(acc[mt][1], a[mt], b01.z, b01.w);
-          mma_tf32(acc[mt][2], a[mt], b23.x, b23.y);
-          mma_tf32(acc[mt][3], a[mt], b23.z, b23.w);
-        }
-      }
-    }
+    accumulate_class_tf32<kRound>(acc, cls, xs, ws4, hl, lane, ksteps);
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -270,29 +184,18 @@ __global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
   cp_async_commit();
 
   const int ksteps = cip / 8;
-  const int weight_floats = kTaps * cip * kCoTile;
-  for (int e = threadIdx.x; e < weight_floats; e += blockDim.x) {
-    int ci, col, k;
-    if (kTensorCores) {
-      // mma B-fragment order: float4 (k, kk, j, lane) = {B[t][n0+g], B[t+4][n0+g],
-      // B[t][n1+g], B[t+4][n1+g]} with n0 = 16j, n1 = 16j + 8, so one 16-byte load per lane.
-      const int q = e & 3, lane = (e >> 2) & 31, j = (e >> 7) & 1, rest = e >> 8;
-      const int kk = rest % ksteps;
-      k = rest / ksteps;
-      ci = kk * 8 + (lane & 3) + ((q & 1) ? 4 : 0);
-      col = (2 * j + (q >> 1)) * 8 + (lane >> 2);
-    } else {
-      col = e % kCoTile;
-      ci = (e / kCoTile) % cip;
-      k = e / (kCoTile * cip);
+  if constexpr (kTensorCores) {
+    stage_weights_tf32<T>(ws, w, s, co0, cip);
+  } else {
+    // FFMA layout: [k][ci][col], 8 consecutive channels per 32-byte read.
+    const int weight_floats = kTaps * cip * kCoTile;
+    for (int e = threadIdx.x; e < weight_floats; e += blockDim.x) {
+      const int col = e % kCoTile, ci = (e / kCoTile) % cip, k = e / (kCoTile * cip);
+      const int co = co0 + col;
+      ws[e] = (ci < s.in_channels && co < s.out_channels)
+                  ? to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k])
+                  : 0.f;
     }
-    const int co = co0 + col;
-    float v = 0.f;
-    if (ci < s.in_channels && co < s.out_channels) {
-      v = to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k]);
-      if (kTensorCores && std::is_same<T, float>::value) v = to_tf32(v);
-    }
-    ws[e] = v;
   }
   if (threadIdx.x < kCoTile) {
     const int co = co0 + threadIdx.x;
@@ -314,11 +217,11 @@ __global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
     }
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
     if constexpr (kTensorCores) {
-      tile_compute_tf32<T>(xs_base + (it & 1) * xs_size, smem4, bias_s, mult_s, y, window_index, s, c,
-                           ksteps);
+      tile_compute_tf32<T>(xs_base + (it & 1) * xs_size, smem4, bias_s, mult_s, y,
+                           window_index, s, c, ksteps);
     } else {
-      tile_compute_ffma(xs_base + (it & 1) * xs_size, ws, bias_s, mult_s, reinterpret_cast<float*>(y),
-                        window_index, s, c, cip);
+      tile_compute_ffma(xs_base + (it & 1) * xs_size, ws, bias_s, mult_s,
+                        reinterpret_cast<float*>(y), window_index, s, c, cip);
     }
     __syncthreads();  // everyone is done with this buffer before it is refilled
   }

@@ -32,6 +32,8 @@ BASELINE_COLORS = {"eager": "#7f7f7f", "compile": "#4a4a4a", "compile-max-autotu
 BACKEND_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
 BENCHMARK_BATCH = 16
 MEMORY_TARGET_MIB = 80.0
+NOT_HERE = ("unavailable", "unsupported")
+BASELINE_STYLES = {"eager": "--", "compile": "-.", "compile-max-autotune": ":"}
 NUMERIC = ("batch", "median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "min_ms", "mean_ms",
            "reps", "peak_extra_mib", "speedup_vs_eager", "speedup_vs_compile", "floor_ms",
            "percent_of_floor", "check_error", "check_tolerance")
@@ -60,7 +62,10 @@ def split_by_device(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def implementation_order(rows: list[dict]) -> list[str]:
-    names = list(dict.fromkeys(r["implementation"] for r in rows))
+    """Baselines first, then backends by name; backends that never ran here are left out
+    (the figures name them in a footnote)."""
+    names = list(dict.fromkeys(r["implementation"] for r in rows
+                               if r["status"] not in NOT_HERE))
     baselines = [n for n in BASELINE_ORDER if n in names]
     return baselines + sorted(n for n in names if n not in BASELINE_ORDER)
 
@@ -92,6 +97,29 @@ def _title(what: str, rows: list[dict]) -> str:
     size = f"C_in {first.get('in_channels')}, C_out {first.get('out_channels')}, DHW {spatial}"
     return (f"fused3d: {what}\n{device} | {', '.join(dates)} | commit {', '.join(commits)} | "
             f"torch {first.get('torch')} | {size}")
+
+
+def _footnote(fig, rows: list[dict]) -> None:
+    """Name the implementations that could not run on this machine, with the first reason."""
+    missing = {}
+    for row in rows:
+        if row["status"] in NOT_HERE:
+            missing.setdefault(row["implementation"], row.get("message", ""))
+    ran = {r["implementation"] for r in rows if r["status"] not in NOT_HERE}
+    notes = [f"{name}: {reason[:90]}" for name, reason in sorted(missing.items())
+             if name not in ran]
+    if notes:
+        fig.text(0.01, -0.01, "not available here: " + " | ".join(notes), fontsize=7,
+                 va="top", ha="left", color="#555555", wrap=True)
+
+
+def _batch_axis(ax, rows: list[dict]) -> None:
+    """Log2 batch axis labelled with the batches that were run."""
+    batches = sorted({r["batch"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("batch", fontsize=8)
 
 
 def _benchmark_batch(rows: list[dict]) -> int:
@@ -169,6 +197,7 @@ def figure_time(rows: list[dict], out_base: Path, plt) -> list[Path]:
             ax.grid(axis="x", which="both", alpha=0.25)
     fig.suptitle(_title(f"time per implementation, batch {batch}", rows), fontsize=10)
     fig.tight_layout()
+    _footnote(fig, rows)
     written = _save(fig, out_base)
     plt.close(fig)
     return written
@@ -195,7 +224,7 @@ def figure_scaling(rows: list[dict], out_base: Path, plt) -> list[Path]:
                 batches = [p[0] for p in points]
                 ax.plot(batches, [p[1] for p in points], marker="o", ms=4, label=name,
                         color=colors[name],
-                        linestyle="--" if name in BASELINE_COLORS else "-")
+                        linestyle=BASELINE_STYLES.get(name, "-"))
                 ax.fill_between(batches, [p[2] for p in points], [p[3] for p in points],
                                 color=colors[name], alpha=0.15, linewidth=0)
             floors = sorted({(r["batch"], r["floor_ms"]) for r in cell
@@ -203,9 +232,8 @@ def figure_scaling(rows: list[dict], out_base: Path, plt) -> list[Path]:
             if floors:
                 ax.plot([f[0] for f in floors], [f[1] for f in floors], color="black",
                         linestyle=":", label="forward floor (DESIGN 7)")
-            ax.set_xscale("log", base=2)
+            _batch_axis(ax, cell)
             ax.set_yscale("log")
-            ax.set_xlabel("batch", fontsize=8)
             ax.set_ylabel("median ms (band p10-p90)", fontsize=8)
             ax.set_title(f"{MODE_TITLES[mode]}\n{PRECISION_TITLES.get(precision, precision)}",
                          fontsize=9)
@@ -213,6 +241,7 @@ def figure_scaling(rows: list[dict], out_base: Path, plt) -> list[Path]:
             ax.legend(fontsize=7)
     fig.suptitle(_title("scaling with batch", rows), fontsize=10)
     fig.tight_layout()
+    _footnote(fig, rows)
     written = _save(fig, out_base)
     plt.close(fig)
     return written
@@ -260,16 +289,16 @@ def figure_memory(rows: list[dict], out_base: Path, plt) -> list[Path] | None:
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4,
                         label=name, color=colors[name],
-                        linestyle="--" if name in BASELINE_COLORS else "-")
-        ax.set_xscale("log", base=2)
+                        linestyle=BASELINE_STYLES.get(name, "-"))
+        _batch_axis(ax, cell)
         ax.set_yscale("log")
-        ax.set_xlabel("batch", fontsize=8)
         ax.set_ylabel("extra peak MiB", fontsize=8)
         ax.grid(which="both", alpha=0.25)
         ax.legend(fontsize=7)
     fig.suptitle(_title("extra peak memory of a training step (forward + backward)", rows),
                  fontsize=10)
     fig.tight_layout()
+    _footnote(fig, rows)
     written = _save(fig, out_base)
     plt.close(fig)
     return written
@@ -295,13 +324,12 @@ def figure_roofline(rows: list[dict], out_base: Path, plt) -> list[Path] | None:
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=4,
                         label=name, color=colors[name],
-                        linestyle="--" if name in BASELINE_COLORS else "-")
+                        linestyle=BASELINE_STYLES.get(name, "-"))
         floor16 = next((r["floor_ms"] for r in cell if r["batch"] == BENCHMARK_BATCH), None)
         ax.axhline(100, color="black", linestyle=":")
-        ax.set_xscale("log", base=2)
+        _batch_axis(ax, cell)
         ax.set_yscale("log")
         ax.set_ylim(top=150)
-        ax.set_xlabel("batch", fontsize=8)
         ax.set_ylabel("floor / measured time, % (100% = at the floor)", fontsize=8)
         floor_text = f"floor {floor16 * 1000:.0f} us at batch 16" if floor16 else ""
         ax.set_title(f"forward, {PRECISION_TITLES.get(precision, precision)}\n{floor_text}",
@@ -313,6 +341,7 @@ def figure_roofline(rows: list[dict], out_base: Path, plt) -> list[Path] | None:
     fig.suptitle(_title("share of the forward floor (DESIGN section 7; floors scale with batch)"
                         + note, rows), fontsize=10)
     fig.tight_layout()
+    _footnote(fig, rows)
     written = _save(fig, out_base)
     plt.close(fig)
     return written
@@ -330,9 +359,10 @@ def markdown_table(rows: list[dict]) -> str:
         f"{'fwd' if m == FORWARD else 'fwd+bwd'} {p} ms (vs eager / vs compile)"
         for m, p in columns] + ["fwd+bwd peak MiB"]
     first = rows[0]
+    flushed = " (L2 flushed before each)" if first.get("device") == "cuda" else ""
     lines = [f"Batch {batch}, {first.get('gpu') if first.get('device') == 'cuda' else 'CPU'}, "
              f"{first.get('date', '')[:10]}, commit {first.get('git_commit', '')}: median of "
-             "the timed runs (L2 flushed before each), speedups from the same run.", "",
+             f"the timed runs{flushed}, speedups from the same run.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in implementation_order(at_batch):
         cells = [name]
@@ -362,6 +392,7 @@ def draw(path: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     plt.rcParams["svg.hashsalt"] = "fused3d"
+    plt.rcParams["axes.axisbelow"] = True
     rows = load_rows(path)
     written: list[Path] = []
     groups = split_by_device(rows)
