@@ -36,7 +36,7 @@ NOT_HERE = ("unavailable", "unsupported")
 BASELINE_STYLES = {"eager": "--", "compile": "-.", "compile-max-autotune": ":"}
 NUMERIC = ("batch", "median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "min_ms", "mean_ms",
            "reps", "peak_extra_mib", "speedup_vs_eager", "speedup_vs_compile", "floor_ms",
-           "percent_of_floor", "check_error", "check_tolerance")
+           "percent_of_floor", "check_error", "check_tolerance", "first_call_s")
 
 
 def load_rows(path: Path) -> list[dict]:
