@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from fused3d.backend import BackendBase, CallSpec
 from fused3d.ops import define_python_ops
 

@@ -8,9 +8,11 @@ to torch's current stream of the inputs' device, with no host synchronisation.
 from __future__ import annotations
 
 import math
+import os
 from functools import cache
 
 import torch
+
 from fused3d.config import BlockConfig
 from fused3d.ops import config_from_op_args, empty_outputs, finish_channel_grad, skipped_grad
 
@@ -56,24 +58,49 @@ def _f64(value: float):
     return numpy.float64(value)
 
 
+#: How tensors reach the kernels. "dlpack" (default): ``cupy.from_dlpack`` zero-copy views.
+#: "pointer": the raw device address (``data_ptr()``, passed as a 64-bit value, same bits as a
+#: pointer parameter); also zero-copy, with less host work per call.
+ARGUMENT_MODE = os.environ.get("FUSED3D_CUPY_ARGUMENTS", "dlpack")
+
+
 def _as_cupy(tensor: torch.Tensor):
     """Zero-copy CuPy view of a (detached) torch tensor; halves as int16 words."""
+    if ARGUMENT_MODE == "pointer":
+        return tensor.data_ptr()
     tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.view(torch.int16)
     return _cupy().from_dlpack(tensor)
 
 
+_streams: dict[tuple[int, int], object] = {}
+_devices: dict[int, object] = {}
+
+
+def _cupy_stream(torch_stream: torch.cuda.Stream, index: int):
+    """CuPy's handle for torch's stream (cached: a stream object only wraps the pointer)."""
+    key = (index, torch_stream.cuda_stream)
+    stream = _streams.get(key)
+    if stream is None:
+        cupy = _cupy()
+        try:
+            stream = cupy.cuda.Stream.from_external(torch_stream)
+        except Exception:  # a CuPy or torch without the __cuda_stream__ protocol
+            stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, index)
+        _streams[key] = stream
+    return stream
+
+
 class _OnTorchStream:
     """CuPy's current device and stream set to the tensor's device and torch's stream there."""
 
     def __init__(self, device: torch.device) -> None:
-        cupy = _cupy()
         self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self._device = cupy.cuda.Device(self.index)
-        self._stream = cupy.cuda.ExternalStream(
-            torch.cuda.current_stream(self.index).cuda_stream, self.index
-        )
+        self._device = _devices.get(self.index)
+        if self._device is None:
+            self._device = _devices[self.index] = _cupy().cuda.Device(self.index)
+        self._stream = _cupy_stream(torch.cuda.current_stream(self.index), self.index)
 
     def __enter__(self) -> _OnTorchStream:
         self._device.__enter__()
@@ -273,7 +300,24 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
                 (_as_cupy(partial_bias), _as_cupy(partial_multiplier), _as_cupy(dbias_acc),
                  _as_cupy(dmult_acc), *_i32(grid_z, c_out, 1)))
 
-        # 2. dx: implicit GEMM over (offset, class) blocks with packed weight fragments.
+        # 2. dweight: per-block partial GEMMs, then a fixed-order sum of the partials. Before dx,
+        # so that the partials are freed (stream-ordered) before dx is allocated: lower peak.
+        dweight = None
+        if want_weight:
+            dweight = torch.empty_like(weight)
+            tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
+            grid_w = min(n * math.prod(tiles_w), 2 * sms)
+            partial_weight = torch.empty((grid_w, weight.numel()), dtype=torch.float32,
+                                         device=device)
+            pc = _as_cupy(partial_weight)
+            get_kernel("parity_backward.cu", "parity_grad_weight_tf32", launch.index)(
+                (grid_w, math.ceil(c_out / 32)), (128,), (xc, zc, pc, *dims, *_i32(*tiles_w)))
+            get_kernel("parity_backward.cu", "partial_sum_reduce", launch.index)(
+                (min(math.ceil(weight.numel() / 32), 8 * sms),), (_THREADS,),
+                (pc, _as_cupy(dweight), *_i32(grid_w, weight.numel())))
+            del pc, partial_weight
+
+        # 3. dx: implicit GEMM over (offset, class) blocks with packed weight fragments.
         dx = None
         if want_x:
             dx = torch.empty_like(x)
@@ -294,21 +338,6 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
             kernel((n * math.prod(tiles_x),), (128,),
                    (zc, fc, _as_cupy(dx), *dims, *_i32(ksteps_out, *tiles_x)),
                    shared_mem=shared)
-
-        # 3. dweight: per-block partial GEMMs, then a fixed-order sum of the partials.
-        dweight = None
-        if want_weight:
-            dweight = torch.empty_like(weight)
-            tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
-            grid_w = min(n * math.prod(tiles_w), 2 * sms)
-            partial_weight = torch.empty((grid_w, weight.numel()), dtype=torch.float32,
-                                         device=device)
-            pc = _as_cupy(partial_weight)
-            get_kernel("parity_backward.cu", "parity_grad_weight_tf32", launch.index)(
-                (grid_w, math.ceil(c_out / 32)), (128,), (xc, zc, pc, *dims, *_i32(*tiles_w)))
-            get_kernel("parity_backward.cu", "partial_sum_reduce", launch.index)(
-                (_blocks(weight.numel(), launch.index),), (_THREADS,),
-                (pc, _as_cupy(dweight), *_i32(grid_w, weight.numel())))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 

@@ -263,14 +263,30 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
         }
 }
 
-// out[i] = sum over parts p = 0, 1, ... of partial[p][i], in that order (deterministic).
+// out[i] = sum over parts p of partial[p][i] in a fixed order (deterministic). Block = 32 outputs
+// x 8 part groups: group k adds parts k, k + 8, k + 16, ... (many loads in flight per output),
+// then the 8 group sums are added in group order.
 extern "C" __global__ void __launch_bounds__(256) partial_sum_reduce(const float* __restrict__ partial,
                                                           float* __restrict__ out, int parts,
                                                           int count) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) {
+    __shared__ float group_sums[8][33];
+    const int column = threadIdx.x & 31, group = threadIdx.x >> 5;
+    for (int base = blockIdx.x * 32; base < count; base += gridDim.x * 32) {
+        const int i = base + column;
         float sum = 0.0f;
-        for (int p = 0; p < parts; ++p) sum += partial[(long long)p * count + i];
-        out[i] = sum;
+        if (i < count) {
+#pragma unroll 4
+            for (int p = group; p < parts; p += 8) sum += partial[(long long)p * count + i];
+        }
+        group_sums[group][column] = sum;
+        __syncthreads();
+        if (group == 0 && i < count) {
+            float total = group_sums[0][column];
+#pragma unroll
+            for (int k = 1; k < 8; ++k) total += group_sums[k][column];
+            out[i] = total;
+        }
+        __syncthreads();
     }
 }
 
