@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 import torch
+
 from fused3d.backend import BackendBase, CallSpec
 
 NAMESPACE = "fused3d_triton"

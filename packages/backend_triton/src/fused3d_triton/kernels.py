@@ -89,12 +89,12 @@ def _general_window_z(
     C_in, C_out, D, H, W, KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
     WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """Conv-transpose output (no bias) at window position (WD, WH, WW) of each pooled position.
 
-    Output o receives input i through tap k when o = i*s - pad + k, i.e. i = (o + pad - k) / s
-    must be an integer inside the input.
+    An implicit GEMM over K = (tap, ci), gathered on the fly: output o receives input i through
+    tap k when o = i*s - pad + k, i.e. i = (o + pad - k) / s is an integer inside the input.
     """
     od = 2 * pd + WD
     oh = 2 * ph + WH
@@ -102,34 +102,34 @@ def _general_window_z(
     spatial = D * H * W
     taps = KD * KH * KW
     acc = _compute_zeros(BLOCK_P, BLOCK_CO, IS_FP64)
-    ci_range = tl.arange(0, BLOCK_CI)
-    for kd in range(KD):
-        td = od + PAD_D - kd
+    for k0 in range(0, taps * C_in, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < taps * C_in
+        tap = kk // C_in
+        ci = kk - tap * C_in
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        td = od[:, None] + PAD_D - kd[None, :]
+        th = oh[:, None] + PAD_H - kh[None, :]
+        tw = ow[:, None] + PAD_W - kw[None, :]
         id_ = td // SD
-        valid_d = (td >= 0) & (td - id_ * SD == 0) & (id_ < D)
-        for kh in range(KH):
-            th = oh + PAD_H - kh
-            ih = th // SH
-            valid_h = (th >= 0) & (th - ih * SH == 0) & (ih < H)
-            for kw in range(KW):
-                tw = ow + PAD_W - kw
-                iw = tw // SW
-                valid_w = (tw >= 0) & (tw - iw * SW == 0) & (iw < W)
-                valid = p_mask & valid_d & valid_h & valid_w
-                position = tl.where(valid, (id_ * H + ih) * W + iw, 0)
-                tap = (kd * KH + kh) * KW + kw
-                for ci0 in range(0, C_in, BLOCK_CI):
-                    ci = ci0 + ci_range
-                    ci_mask = ci < C_in
-                    a = tl.load(
-                        x_ptr + x_base[:, None] + ci[None, :] * spatial + position[:, None],
-                        mask=valid[:, None] & ci_mask[None, :], other=0.0,
-                    )
-                    b = tl.load(
-                        w_ptr + ci[:, None] * (C_out * taps) + offs_co[None, :] * taps + tap,
-                        mask=ci_mask[:, None] & co_mask[None, :], other=0.0,
-                    )
-                    acc = _mma(acc, a, b, IS_FP64, PRECISION)
+        ih = th // SH
+        iw = tw // SW
+        valid = (
+            (p_mask[:, None] & k_mask[None, :])
+            & (td >= 0) & (td - id_ * SD == 0) & (id_ < D)
+            & (th >= 0) & (th - ih * SH == 0) & (ih < H)
+            & (tw >= 0) & (tw - iw * SW == 0) & (iw < W)
+        )
+        position = tl.where(valid, (id_ * H + ih) * W + iw, 0)
+        a = tl.load(x_ptr + x_base[:, None] + (ci * spatial)[None, :] + position,
+                    mask=valid, other=0.0)
+        b = tl.load(
+            w_ptr + (ci * (C_out * taps) + tap)[:, None] + offs_co[None, :] * taps,
+            mask=k_mask[:, None] & co_mask[None, :], other=0.0,
+        )
+        acc = _mma(acc, a, b, IS_FP64, PRECISION)
     return acc
 
 
@@ -140,7 +140,7 @@ def general_forward_kernel(
     KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
     m_stride, slope_bits,
     HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_co = tl.program_id(1)
@@ -168,7 +168,7 @@ def general_forward_kernel(
             x_ptr, w_ptr, x_base, pd, ph, pw, p_mask, offs_co, co_mask,
             C_in, C_out, D, H, W, KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
             (c >> 2) & 1, (c >> 1) & 1, c & 1,
-            IS_FP64, PRECISION, BLOCK_P, BLOCK_CI, BLOCK_CO,
+            IS_FP64, PRECISION, BLOCK_P, BLOCK_K, BLOCK_CO,
         )
         z = z + bias[None, :]
         value = _leaky(mult[None, :] * _leaky(z, slope), slope)
@@ -189,7 +189,7 @@ def general_dz_kernel(
     KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
     m_stride, slope_bits,
     HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
     """dz (conv-output gradient at each winner) plus per-program dbias / dmultiplier partials.
 
@@ -225,7 +225,7 @@ def general_dz_kernel(
             x_ptr, w_ptr, x_base, pd, ph, pw, p_mask, offs_co, co_mask,
             C_in, C_out, D, H, W, KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
             (c >> 2) & 1, (c >> 1) & 1, c & 1,
-            IS_FP64, PRECISION, BLOCK_P, BLOCK_CI, BLOCK_CO,
+            IS_FP64, PRECISION, BLOCK_P, BLOCK_K, BLOCK_CO,
         )
         z = z + bias[None, :]
         inner = _leaky(z, slope)
@@ -239,28 +239,31 @@ def general_dz_kernel(
 
 @triton.jit
 def _sparse_grad_at(
-    dz_ptr, idx_ptr, i_d, i_h, i_w, i_mask, dz_base, offs_co, co_mask,
-    kd, kh, kw, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+    dz_ptr, idx_ptr, i_d, i_h, i_w, i_mask, dz_base, co, tap, k_mask,
+    KH, KW, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
 ):
-    """Conv-output gradient at o = i*s - pad + k: dz of the pooled window holding o when o is
-    that window's winner, else 0 (also 0 outside every window)."""
-    od = i_d * SD - PAD_D + kd
-    oh = i_h * SH - PAD_H + kh
-    ow = i_w * SW - PAD_W + kw
+    """[BLOCK_I, BLOCK_K] conv-output gradient at o = i*s - pad + k for K = (tap, co): dz of
+    the pool window holding o where o is that window's winner, else 0 (and 0 outside every
+    window: the cropped odd edge)."""
+    kd = tap // (KH * KW)
+    kh = (tap // KW) % KH
+    kw = tap % KW
+    od = i_d[:, None] * SD - PAD_D + kd[None, :]
+    oh = i_h[:, None] * SH - PAD_H + kh[None, :]
+    ow = i_w[:, None] * SW - PAD_W + kw[None, :]
     valid = (
-        i_mask & (od >= 0) & (od < 2 * Dp) & (oh >= 0) & (oh < 2 * Hp)
-        & (ow >= 0) & (ow < 2 * Wp)
+        (i_mask[:, None] & k_mask[None, :])
+        & (od >= 0) & (od < 2 * Dp) & (oh >= 0) & (oh < 2 * Hp) & (ow >= 0) & (ow < 2 * Wp)
     )
     od = tl.where(valid, od, 0)
     oh = tl.where(valid, oh, 0)
     ow = tl.where(valid, ow, 0)
     code = (od % 2) * 4 + (oh % 2) * 2 + (ow % 2)
     position = ((od // 2) * Hp + oh // 2) * Wp + ow // 2
-    offsets = dz_base[:, None] + position[:, None] + offs_co[None, :] * (Dp * Hp * Wp)
-    mask = valid[:, None] & co_mask[None, :]
-    grad = tl.load(dz_ptr + offsets, mask=mask, other=0.0)
-    winner = tl.load(idx_ptr + offsets, mask=mask, other=8).to(tl.int32)
-    return tl.where(winner == code[:, None], grad, 0.0)
+    offsets = dz_base[:, None] + position + (co * (Dp * Hp * Wp))[None, :]
+    grad = tl.load(dz_ptr + offsets, mask=valid, other=0.0)
+    winner = tl.load(idx_ptr + offsets, mask=valid, other=8).to(tl.int32)
+    return tl.where(winner == code, grad, 0.0)
 
 
 @triton.jit
@@ -269,10 +272,10 @@ def general_dx_kernel(
     I_total, C_in, C_out, D, H, W, Dp, Hp, Wp,
     KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
     IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = the adjoint of the conv-transpose (a plain convolution) applied to the sparse dz:
-    dx[i, ci] = sum over taps k and co of dzconv[i*s - pad + k, co] * w[ci, co, k]."""
+    dx[i, ci] = sum over K = (tap k, co) of dzconv[i*s - pad + k, co] * w[ci, co, k]."""
     pid_i = tl.program_id(0)
     pid_ci = tl.program_id(1)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -288,24 +291,21 @@ def general_dx_kernel(
     n64 = n.to(tl.int64)
     dz_base = n64 * C_out * (Dp * Hp * Wp)
     taps = KD * KH * KW
-    co_range = tl.arange(0, BLOCK_CO)
     acc = _compute_zeros(BLOCK_I, BLOCK_CI, IS_FP64)
-    for tap in range(taps):
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        for co0 in range(0, C_out, BLOCK_CO):
-            offs_co = co0 + co_range
-            co_mask = offs_co < C_out
-            grad = _sparse_grad_at(
-                dz_ptr, idx_ptr, i_d, i_h, i_w, i_mask, dz_base, offs_co, co_mask,
-                kd, kh, kw, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
-            )
-            w_t = tl.load(
-                w_ptr + offs_ci[None, :] * (C_out * taps) + offs_co[:, None] * taps + tap,
-                mask=ci_mask[None, :] & co_mask[:, None], other=0.0,
-            ).to(grad.dtype)
-            acc = _mma(acc, grad, w_t, IS_FP64, PRECISION)
+    for k0 in range(0, taps * C_out, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < taps * C_out
+        tap = kk // C_out
+        co = kk - tap * C_out
+        grad = _sparse_grad_at(
+            dz_ptr, idx_ptr, i_d, i_h, i_w, i_mask, dz_base, co, tap, k_mask,
+            KH, KW, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+        )
+        w_t = tl.load(
+            w_ptr + offs_ci[None, :] * (C_out * taps) + (co * taps + tap)[:, None],
+            mask=ci_mask[None, :] & k_mask[:, None], other=0.0,
+        ).to(grad.dtype)
+        acc = _mma(acc, grad, w_t, IS_FP64, PRECISION)
     out = (n64 * C_in * spatial + s)[:, None] + offs_ci[None, :] * spatial
     tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty),
              mask=i_mask[:, None] & ci_mask[None, :])
@@ -317,25 +317,25 @@ def general_dw_kernel(
     I_total, I_chunk, C_in, C_out, D, H, W, Dp, Hp, Wp,
     KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
     IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Per-chunk partial of dw[ci, co, k] = sum over inputs i of x[i, ci] * dzconv[o(i, k), co].
+    """Per-chunk partial of dw[ci, (tap k, co)] = sum over inputs i of
+    x[i, ci] * dzconv[i*s - pad + k, co].
 
-    Grid: (tap, chunk of input positions, channel tile). Partials are reduced on the host in
-    a fixed order (no atomics: deterministic)."""
-    tap = tl.program_id(0)
+    Grid: (K = (tap, co) tile, chunk of input positions, ci tile). The partials are summed
+    afterwards in a fixed order (no atomics: deterministic)."""
+    pid_k = tl.program_id(0)
     chunk = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    n_co_blocks = tl.cdiv(C_out, BLOCK_CO)
-    offs_ci = (pid_c // n_co_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    offs_co = (pid_c % n_co_blocks) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    pid_ci = tl.program_id(2)
+    taps = KD * KH * KW
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = offs_ci < C_in
-    co_mask = offs_co < C_out
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = kk < taps * C_out
+    tap = kk // C_out
+    co = kk - tap * C_out
     spatial = D * H * W
-    acc = _compute_zeros(BLOCK_CI, BLOCK_CO, IS_FP64)
+    acc = _compute_zeros(BLOCK_CI, BLOCK_K, IS_FP64)
     start = chunk * I_chunk
     stop = tl.minimum(start + I_chunk, I_total)
     for i0 in range(start, stop, BLOCK_I):
@@ -346,18 +346,17 @@ def general_dw_kernel(
         n64 = n.to(tl.int64)
         grad = _sparse_grad_at(
             dz_ptr, idx_ptr, s // (H * W), (s // W) % H, s % W, i_mask,
-            n64 * C_out * (Dp * Hp * Wp), offs_co, co_mask,
-            kd, kh, kw, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
+            n64 * C_out * (Dp * Hp * Wp), co, tap, k_mask,
+            KH, KW, Dp, Hp, Wp, SD, SH, SW, PAD_D, PAD_H, PAD_W,
         )
         x_t = tl.load(
             x_ptr + (n64 * C_in * spatial + s)[None, :] + offs_ci[:, None] * spatial,
             mask=ci_mask[:, None] & i_mask[None, :], other=0.0,
         ).to(grad.dtype)
         acc = _mma(acc, x_t, grad, IS_FP64, PRECISION)
-    taps = KD * KH * KW
     out = chunk * (C_in * C_out * taps) + offs_ci[:, None] * (C_out * taps) \
-        + offs_co[None, :] * taps + tap
-    tl.store(dw_part_ptr + out, acc, mask=ci_mask[:, None] & co_mask[None, :])
+        + (co * taps + tap)[None, :]
+    tl.store(dw_part_ptr + out, acc, mask=ci_mask[:, None] & k_mask[None, :])
 
 
 # --------------------------------------------------------------------------- parity path

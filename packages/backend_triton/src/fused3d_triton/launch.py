@@ -8,17 +8,17 @@ autotuned on the GPU, keyed on the problem shape and precision; under the interp
 
 import os
 import struct
-from typing import Optional
 
 import torch
 import triton
+from torch.library import wrap_triton
+
 from fused3d.ops import (
     config_from_op_args,
     empty_outputs,
     finish_channel_grad,
     skipped_grad,
 )
-from torch.library import wrap_triton
 
 from . import _interpreter_compat, kernels
 
@@ -73,16 +73,45 @@ def _uses_parity_path(x: torch.Tensor, weight: torch.Tensor, config) -> bool:
     )
 
 
-def _general_blocks(x: torch.Tensor, c_in: int, c_out: int) -> tuple[int, int, int, int]:
-    """(BLOCK_positions, BLOCK_CI, BLOCK_CO, num_warps) for the general kernels."""
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda and not interpreting()
+
+
+def _general_blocks(x: torch.Tensor, k_total: int, c_out: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_K, BLOCK_CO, num_warps) for the general forward / dz kernels.
+
+    The interpreter pays per operation, not per element: it gets the widest tiles. The fp64
+    FMA reduction materialises a [P, K, CO] product: small tiles on a GPU.
+    """
+    if not _on_gpu(x):
+        if x.dtype == torch.float64:
+            return 64, _pow2(k_total, 16, 256), _pow2(c_out, 16, 64), 4
+        return 128, _pow2(k_total, 16, 1024), _pow2(c_out, 16, 64), 4
     if x.dtype == torch.float64:
-        # The fp64 FMA reduction materialises a [P, CI, CO] product: keep it small on a GPU.
-        if interpreting() or not x.is_cuda:
-            return 64, _pow2(c_in, 1, 32), _pow2(c_out, 1, 32), 4
-        return 32, _pow2(c_in, 1, 8), _pow2(c_out, 1, 16), 4
-    if interpreting() or not x.is_cuda:
-        return 64, _pow2(c_in, 16, 64), _pow2(c_out, 16, 64), 4
-    return 64, _pow2(c_in, 16, 32), _pow2(c_out, 16, 64), 4
+        return 32, 8, _pow2(c_out, 1, 16), 4
+    return 64, 32, _pow2(c_out, 16, 64), 4
+
+
+def _dx_blocks(x: torch.Tensor, c_in: int, k_total: int) -> tuple[int, int, int, int]:
+    """(BLOCK_I, BLOCK_CI, BLOCK_K, num_warps) for the dx kernel (K = taps x C_out)."""
+    if not _on_gpu(x):
+        if x.dtype == torch.float64:
+            return 64, _pow2(c_in, 16, 64), _pow2(k_total, 16, 256), 4
+        return 128, _pow2(c_in, 16, 64), _pow2(k_total, 16, 1024), 4
+    if x.dtype == torch.float64:
+        return 32, _pow2(c_in, 1, 16), 8, 4
+    return 64, _pow2(c_in, 16, 32), 32, 4
+
+
+def _dw_blocks(x: torch.Tensor, c_in: int, k_total: int) -> tuple[int, int, int, int]:
+    """(BLOCK_I, BLOCK_CI, BLOCK_K, num_warps) for the dw kernel (K = taps x C_out)."""
+    if not _on_gpu(x):
+        if x.dtype == torch.float64:
+            return 64, _pow2(c_in, 1, 64), _pow2(k_total, 16, 256), 4
+        return 256, _pow2(c_in, 16, 64), _pow2(k_total, 16, 1024), 4
+    if x.dtype == torch.float64:
+        return 8, _pow2(c_in, 1, 16), 32, 4
+    return 32, _pow2(c_in, 16, 32), 64, 4
 
 
 def _num_sms(x: torch.Tensor) -> int:
@@ -106,9 +135,9 @@ _PARITY_BACKWARD_CONFIGS = [
     for ns in (1, 2)
 ]
 _DX_CONFIGS = [
-    triton.Config({"BLOCK_I": bi, "BLOCK_CO": bco}, num_warps=nw, num_stages=ns)
+    triton.Config({"BLOCK_I": bi, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
     for bi in (64, 128)
-    for bco in (32,)
+    for bk in (32, 64)
     for nw in (4, 8)
     for ns in (2, 3)
 ]
@@ -131,7 +160,7 @@ dx_tuned = triton.autotune(
 def triton_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     multiplier: torch.Tensor,
     stride: list[int],
     padding: list[int],
@@ -158,7 +187,7 @@ def triton_forward(
         args = (x, weight, bias_arg, multiplier, y, window_index, m_total, c_in, c_out, d, h, w,
                 m_stride, slope)
         if _use_fixed_config(x):
-            block_m = 64
+            block_m = 64 if _on_gpu(x) else 128
             wrap_triton(kernels.parity_forward_kernel)[(triton.cdiv(m_total, block_m),)](
                 *args, HAS_BIAS=has_bias, PRECISION=precision, BLOCK_M=block_m,
                 BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
@@ -172,14 +201,15 @@ def triton_forward(
 
     dp, hp, wp = y.shape[2:]
     p_total = n * dp * hp * wp
-    block_p, block_ci, block_co, warps = _general_blocks(x, c_in, c_out)
+    taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
+    block_p, block_k, block_co, warps = _general_blocks(x, taps * c_in, c_out)
     grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
     wrap_triton(kernels.general_forward_kernel)[grid](
         x, weight, bias_arg, multiplier, y, window_index,
         p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
         *config.padding, m_stride, slope,
         HAS_BIAS=has_bias, IS_FP64=x.dtype == torch.float64, PRECISION=precision,
-        BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=warps,
+        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, num_warps=warps,
     )
     return y, window_index
 
@@ -192,14 +222,15 @@ def _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64):
     c_out = weight.shape[1]
     dp, hp, wp = window_index.shape[2:]
     i_total = n * d * h * w
-    block_i, block_ci, block_co, warps = _general_blocks(dx, c_in, c_out)
+    taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
+    block_i, block_ci, block_k, warps = _dx_blocks(dx, c_in, taps * c_out)
     args = (dz, window_index, weight, dx, i_total, c_in, c_out, d, h, w, dp, hp, wp,
             *config.kernel_size, *config.stride, *config.padding)
     if is_fp64 or _use_fixed_config(dx):
         grid = (triton.cdiv(i_total, block_i), triton.cdiv(c_in, block_ci))
         wrap_triton(kernels.general_dx_kernel)[grid](
             *args, IS_FP64=is_fp64, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
-            BLOCK_CO=block_co, num_warps=warps,
+            BLOCK_K=block_k, num_warps=warps,
         )
     else:
         wrap_triton(dx_tuned)[
@@ -213,20 +244,21 @@ def _launch_general_dw(dz, window_index, x, dw_shape, config, precision, is_fp64
     dp, hp, wp = window_index.shape[2:]
     i_total = n * d * h * w
     taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
-    block_i, block_ci, block_co, warps = _general_blocks(x, c_in, c_out)
-    if x.is_cuda and not interpreting():
-        chunks = max(1, min(triton.cdiv(i_total, 4 * block_i), 4 * _num_sms(x) // taps))
+    block_i, block_ci, block_k, warps = _dw_blocks(x, c_in, taps * c_out)
+    tiles = triton.cdiv(taps * c_out, block_k) * triton.cdiv(c_in, block_ci)
+    if _on_gpu(x):
+        chunks = max(1, min(triton.cdiv(i_total, 4 * block_i), 4 * _num_sms(x) // tiles))
     else:
         chunks = 1
     i_chunk = triton.cdiv(triton.cdiv(i_total, chunks), block_i) * block_i
     chunks = triton.cdiv(i_total, i_chunk)
     partials = x.new_empty((chunks, c_in, c_out, taps), dtype=dz.dtype)
-    grid = (taps, chunks, triton.cdiv(c_in, block_ci) * triton.cdiv(c_out, block_co))
+    grid = (triton.cdiv(taps * c_out, block_k), chunks, triton.cdiv(c_in, block_ci))
     wrap_triton(kernels.general_dw_kernel)[grid](
         dz, window_index, x, partials, i_total, i_chunk, c_in, c_out, d, h, w, dp, hp, wp,
         *config.kernel_size, *config.stride, *config.padding,
         IS_FP64=is_fp64, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
-        BLOCK_CO=block_co, num_warps=warps,
+        BLOCK_K=block_k, num_warps=warps,
     )
     # Fixed-order reduction over chunks: deterministic.
     return partials.sum(dim=0).reshape(dw_shape)
@@ -237,7 +269,7 @@ def triton_backward(
     window_index: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     multiplier: torch.Tensor,
     stride: list[int],
     padding: list[int],
@@ -304,7 +336,8 @@ def triton_backward(
     else:
         dp, hp, wp = window_index.shape[2:]
         p_total = n * dp * hp * wp
-        block_p, block_ci, block_co, warps = _general_blocks(x, c_in, c_out)
+        taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
+        block_p, block_k, block_co, warps = _general_blocks(x, taps * c_in, c_out)
         grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
         db_partials = x.new_zeros((grid[0], c_out), dtype=compute)
         dm_partials = x.new_zeros((grid[0], c_out), dtype=compute)
@@ -313,7 +346,7 @@ def triton_backward(
             p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
             *config.padding, m_stride, slope,
             HAS_BIAS=has_bias, IS_FP64=is_fp64, PRECISION=precision,
-            BLOCK_P=block_p, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=warps,
+            BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, num_warps=warps,
         )
         if want_weight:
             dweight = _launch_general_dw(
