@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from fused3d.backend import BackendBase, CallSpec
 from fused3d.ops import define_schemas, register_block_ops
 
@@ -32,8 +33,16 @@ class CudaBackend(BackendBase):
     def __init__(self) -> None:
         super().__init__()
         self._library: torch.library.Library | None = None
+        self._unavailable: list[str] | None = None
 
     def unavailable_reasons(self) -> list[str]:
+        # Asked on every call by backend selection; the answer cannot change within a process
+        # (the ninja check spawns a subprocess), so it is computed once.
+        if self._unavailable is None:
+            self._unavailable = self._find_unavailable_reasons()
+        return list(self._unavailable)
+
+    def _find_unavailable_reasons(self) -> list[str]:
         reasons = []
         if torch.version.cuda is None:
             reasons.append(
