@@ -36,10 +36,11 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
         "parity_tf32<2, false>",
         "parity_tf32<1, true>",
         "parity_tf32<2, true>",
-        "parity_forward_exact<float, float, 8>",
-        "parity_forward_exact<double, double, 4>",
-        "parity_forward_exact<half_t, float, 8>",
-        "parity_forward_exact<bf16_t, float, 8>",
+        *(
+            f"parity_forward_exact<{t}, {acc}, {4 if t == 'double' else 8}, {rows}>"
+            for rows in (1, 2)
+            for t, acc in _HALF_TYPES
+        ),
     ),
     # The plain kernels of this file are extern "C": CuPy finds them by name.
     "parity_backward.cu": ("parity_grad_x_tf32<1>", "parity_grad_x_tf32<2>"),

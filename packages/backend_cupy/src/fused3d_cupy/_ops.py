@@ -27,6 +27,9 @@ KERNEL_TYPES = {
 }
 #: Output channels per thread of the exact parity kernel (4 * this per block).
 _EXACT_CHANNELS = {torch.float64: 4}
+#: Depth rows of the exact parity kernel's tile (1: two blocks per SM overlap staging and
+#: arithmetic; 2: one block of 8 warps with less halo).
+EXACT_ROWS = int(os.environ.get("FUSED3D_CUPY_EXACT_ROWS", "1"))
 _THREADS = 256
 #: The TF32 fast path keeps every input channel's weights in registers: C_in <= 16.
 TF32_MAX_IN_CHANNELS = 16
@@ -164,10 +167,14 @@ def forward_impl(x, weight, bias, multiplier, stride, padding, output_padding, n
                     *tail, *_i32(*tiles)))
         elif config.is_parity_fast_path:
             channels = _EXACT_CHANNELS.get(x.dtype, 8)
-            kernel = get_kernel("parity_forward.cu",
-                                f"parity_forward_exact<{scalar}, {acc}, {channels}>", launch.index)
-            tiles = (math.ceil(d / 2), math.ceil(h / 2), math.ceil(w / 32))
-            kernel((n * math.prod(tiles), math.ceil(c_out / (4 * channels))), (256,),
+            rows = EXACT_ROWS
+            kernel = get_kernel(
+                "parity_forward.cu",
+                f"parity_forward_exact<{scalar}, {acc}, {channels}, {rows}>",
+                launch.index,
+            )
+            tiles = (math.ceil(d / rows), math.ceil(h / 2), math.ceil(w / 32))
+            kernel((n * math.prod(tiles), math.ceil(c_out / (4 * channels))), (128 * rows,),
                    (xc, wc, bc, mc, yc, ic, *_i32(n, c_in, c_out, d, h, w), *tail,
                     *_i32(*tiles)))
         else:

@@ -204,25 +204,26 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
 }
 
 // ------------------------------------------------------------------ exact (SIMT) kernel
-// For IEEE fp32 (TF32 off), float64, and fp16/bf16 with fp32 accumulation. Block: 8 warps over
-// a TD x TH x TW = 2 x 2 x 32 tile of pooled positions and 4 * CO_T output channels; warp w takes
-// depth row w / 4 and channel group w % 4, lane = w position, and each thread computes both h
-// rows, CO_T channels and all 8 classes (2 * 8 * CO_T accumulators). Input channels stream
-// through shared memory in chunks of CI; weights are read as warp-wide broadcasts.
+// For IEEE fp32 (TF32 off), float64, and fp16/bf16 with fp32 accumulation. Block: 4 * TD warps
+// over a TD x TH x TW = TD x 2 x 32 tile of pooled positions and 4 * CO_T output channels; warp w
+// takes depth row w / 4 and channel group w % 4, lane = w position, and each thread computes both
+// h rows, CO_T channels and all 8 classes (2 * 8 * CO_T accumulators). Input channels stream
+// through shared memory in chunks of CI; weights are read as warp-wide broadcasts. TD = 1 lets
+// two blocks share an SM, so one block's staging overlaps the other's arithmetic.
 namespace simt_tile {
-constexpr int TD = 2, TH = 2, TW = 32, CI = 8;
-constexpr int XD = TD + 1, XH = TH + 1, XW = TW + 1;
-constexpr int XPOS = XD * XH * XW;
+constexpr int TH = 2, TW = 32, CI = 8;
+constexpr int XH = TH + 1, XW = TW + 1;
 }  // namespace simt_tile
 
-template <typename T, typename Acc, int CO_T>
-__global__ void __launch_bounds__(256, 1) parity_forward_exact(
+template <typename T, typename Acc, int CO_T, int TD>
+__global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exact(
     const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
     const T* __restrict__ multiplier, T* __restrict__ y, unsigned char* __restrict__ window_index,
     int N, int Cin, int Cout, int D, int H, int W, int multiplier_stride, int has_bias,
     double negative_slope, int tiles_d, int tiles_h, int tiles_w) {
     using namespace simt_tile;
-    constexpr int COB = 4 * CO_T;
+    constexpr int COB = 4 * CO_T, THREADS = 128 * TD;
+    constexpr int XD = TD + 1, XPOS = XD * XH * XW;
     __shared__ Acc xs[CI][XPOS];
     __shared__ __align__(16) Acc ws[CI][27][COB];
 
@@ -249,7 +250,7 @@ __global__ void __launch_bounds__(256, 1) parity_forward_exact(
 
     for (int ci0 = 0; ci0 < Cin; ci0 += CI) {
         __syncthreads();
-        for (int i = threadIdx.x; i < CI * XPOS; i += 256) {
+        for (int i = threadIdx.x; i < CI * XPOS; i += THREADS) {
             const int ci = i / XPOS, pos = i % XPOS;
             const int lw = pos % XW, lh = (pos / XW) % XH, lz = pos / (XW * XH);
             const int gd = d0 + lz, gh = h0 + lh, gw = w0 + lw;
@@ -258,7 +259,7 @@ __global__ void __launch_bounds__(256, 1) parity_forward_exact(
                 v = to_acc(xn[(long long)(ci0 + ci) * spatial + ((long long)gd * H + gh) * W + gw]);
             xs[ci][pos] = v;
         }
-        for (int i = threadIdx.x; i < CI * 27 * COB; i += 256) {
+        for (int i = threadIdx.x; i < CI * 27 * COB; i += THREADS) {
             const int co_l = i % COB, tap = (i / COB) % 27, ci = i / (27 * COB);
             const int co = co_block + co_l;
             Acc v = Acc(0);
@@ -336,12 +337,16 @@ FUSED3D_INSTANTIATE_TF32(1, false)
 FUSED3D_INSTANTIATE_TF32(2, false)
 FUSED3D_INSTANTIATE_TF32(1, true)
 FUSED3D_INSTANTIATE_TF32(2, true)
-#define FUSED3D_INSTANTIATE_EXACT(T, Acc, CO_T)                                                \
-    template __global__ void parity_forward_exact<T, Acc, CO_T>(                               \
+#define FUSED3D_INSTANTIATE_EXACT(T, Acc, CO_T, TD)                                            \
+    template __global__ void parity_forward_exact<T, Acc, CO_T, TD>(                           \
         const T*, const T*, const T*, const T*, T*, unsigned char*, int, int, int, int, int,   \
         int, int, int, double, int, int, int);
-FUSED3D_INSTANTIATE_EXACT(float, float, 8)
-FUSED3D_INSTANTIATE_EXACT(double, double, 4)
-FUSED3D_INSTANTIATE_EXACT(half_t, float, 8)
-FUSED3D_INSTANTIATE_EXACT(bf16_t, float, 8)
+FUSED3D_INSTANTIATE_EXACT(float, float, 8, 1)
+FUSED3D_INSTANTIATE_EXACT(double, double, 4, 1)
+FUSED3D_INSTANTIATE_EXACT(half_t, float, 8, 1)
+FUSED3D_INSTANTIATE_EXACT(bf16_t, float, 8, 1)
+FUSED3D_INSTANTIATE_EXACT(float, float, 8, 2)
+FUSED3D_INSTANTIATE_EXACT(double, double, 4, 2)
+FUSED3D_INSTANTIATE_EXACT(half_t, float, 8, 2)
+FUSED3D_INSTANTIATE_EXACT(bf16_t, float, 8, 2)
 #endif
