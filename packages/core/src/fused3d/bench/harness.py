@@ -748,8 +748,6 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
     device = torch.device(args.device, torch.cuda.current_device()) \
         if args.device == "cuda" else torch.device("cpu")
     on_cpu = device.type == "cpu"
-    if on_cpu:
-        _ensure_triton_interpreter()
 
     problem = CPU_PROBLEM if on_cpu else BENCHMARK_PROBLEM
     if args.size:
@@ -816,6 +814,8 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
     if plan.min_reps < 1:
         parser.error("--min-reps must be >= 1")
 
+    if on_cpu:
+        _ensure_triton_interpreter()
     stem = args.name or (f"bench_{device.type}" + ("_quick" if args.quick else ""))
     return Settings(
         device=device, problem=problem, batches=batches,

@@ -33,6 +33,7 @@ BACKEND_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564
 BENCHMARK_BATCH = 16
 MEMORY_TARGET_MIB = 80.0
 NOT_HERE = ("unavailable", "unsupported")
+FAILED = ("failed-check", "error", "oom")
 BASELINE_STYLES = {"eager": "--", "compile": "-.", "compile-max-autotune": ":"}
 NUMERIC = ("batch", "median_ms", "p10_ms", "p25_ms", "p75_ms", "p90_ms", "min_ms", "mean_ms",
            "reps", "peak_extra_mib", "speedup_vs_eager", "speedup_vs_compile", "floor_ms",
@@ -99,18 +100,29 @@ def _title(what: str, rows: list[dict]) -> str:
             f"torch {first.get('torch')} | {size}")
 
 
+def _short(reason: str, limit: int = 70) -> str:
+    reason = reason.split(";")[0].strip()
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
 def _footnote(fig, rows: list[dict]) -> None:
-    """Name the implementations that could not run on this machine, with the first reason."""
+    """Name what could not run on this machine (with its first reason) and what failed."""
     missing = {}
     for row in rows:
         if row["status"] in NOT_HERE:
             missing.setdefault(row["implementation"], row.get("message", ""))
     ran = {r["implementation"] for r in rows if r["status"] not in NOT_HERE}
-    notes = [f"{name}: {reason[:90]}" for name, reason in sorted(missing.items())
+    notes = [f"{name} ({_short(reason)})" for name, reason in sorted(missing.items())
              if name not in ran]
-    if notes:
-        fig.text(0.01, -0.01, "not available here: " + " | ".join(notes), fontsize=7,
-                 va="top", ha="left", color="#555555", wrap=True)
+    lines = ["not available here: " + "; ".join(notes)] if notes else []
+    failed = [f"{r['implementation']} {r['mode']} {r['precision']} b{r['batch']}: {r['status']}"
+              for r in rows if r["status"] in FAILED]
+    if failed:
+        more = f" (+{len(failed) - 8} more, see the CSV)" if len(failed) > 8 else ""
+        lines.append("not timed: " + "; ".join(failed[:8]) + more)
+    if lines:
+        fig.text(0.01, -0.01, "\n".join(lines), fontsize=7, va="top", ha="left",
+                 color="#555555")
 
 
 def _batch_axis(ax, rows: list[dict]) -> None:
