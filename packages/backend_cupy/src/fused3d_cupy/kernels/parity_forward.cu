@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
 // through shared memory in chunks of CI; weights are read as warp-wide broadcasts. TD = 1 lets
 // two blocks share an SM, so one block's staging overlaps the other's arithmetic.
 namespace simt_tile {
-constexpr int TH = 2, TW = 32, CI = 8;
+constexpr int TH = 2, TW = 32;
 constexpr int XH = TH + 1, XW = TW + 1;
 }  // namespace simt_tile
 
@@ -223,9 +223,14 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     double negative_slope, int tiles_d, int tiles_h, int tiles_w) {
     using namespace simt_tile;
     constexpr int COB = 4 * CO_T, THREADS = 128 * TD;
+    // Input channels per shared-memory chunk (8-byte types: 4, to stay in 48 KB static smem).
+    constexpr int CI = sizeof(Acc) == 8 ? 4 : 8;
+    // Weight rows padded by 4 words: the staging stores (tap fastest) spread over the banks,
+    // and the per-thread CO_T-wide reads stay 16-byte aligned.
+    constexpr int WROW = COB + 4;
     constexpr int XD = TD + 1, XPOS = XD * XH * XW;
     __shared__ Acc xs[CI][XPOS];
-    __shared__ __align__(16) Acc ws[CI][27][COB];
+    __shared__ __align__(16) Acc ws[CI][27][WROW];
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int group = warp & 3, ld = warp >> 2;
@@ -259,12 +264,15 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
                 v = to_acc(xn[(long long)(ci0 + ci) * spatial + ((long long)gd * H + gh) * W + gw]);
             xs[ci][pos] = v;
         }
-        for (int i = threadIdx.x; i < CI * 27 * COB; i += THREADS) {
-            const int co_l = i % COB, tap = (i / COB) % 27, ci = i / (27 * COB);
+        // For one input channel the block's weights w[ci][co_block .. + COB][0 .. 27) are one
+        // contiguous run: read it in order (coalesced), store transposed to [tap][co].
+        for (int i = threadIdx.x; i < CI * COB * 27; i += THREADS) {
+            const int ci = i / (COB * 27), run = i % (COB * 27);
+            const int co_l = run / 27, tap = run % 27;
             const int co = co_block + co_l;
             Acc v = Acc(0);
             if (ci0 + ci < Cin && co < Cout)
-                v = to_acc(weight[((long long)(ci0 + ci) * Cout + co) * 27 + tap]);
+                v = to_acc(weight[((long long)(ci0 + ci) * Cout + co_block) * 27 + run]);
             ws[ci][tap][co_l] = v;
         }
         __syncthreads();
