@@ -19,8 +19,7 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 #: Torch-free kernel sources: ``nvcc -c`` compiles each on its own (the CI resource check).
-KERNEL_SOURCES = ("general.cu", "parity_forward.cu")
-HOST_STUBS = ("parity_backward.cu",)  # no kernels yet
+KERNEL_SOURCES = ("general.cu", "parity_forward.cu", "parity_backward.cu")
 #: Torch-free host code with no kernels (dispatch between the paths).
 HOST_SOURCES = ("dispatch.cu",)
 HEADERS = ("fused3d_kernels.cuh", "fused3d_common.cuh", "parity_common.cuh")
@@ -36,8 +35,7 @@ def kernel_sources() -> list[Path]:
 
 
 def all_sources() -> list[Path]:
-    host = (*HOST_SOURCES, *HOST_STUBS)
-    return [CSRC / BINDINGS, *(CSRC / name for name in host), *kernel_sources()]
+    return [CSRC / BINDINGS, *(CSRC / name for name in HOST_SOURCES), *kernel_sources()]
 
 
 def cuda_home() -> str | None:

@@ -117,9 +117,9 @@ __device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockS
   }
 }
 
-// Round an fp32 bit pattern to the nearest TF32 (ties away), as cvt.rna.tf32.f32 does.
+// fp32 bits rounded to the nearest TF32 (ties away from zero; inf and NaN kept).
 __device__ __forceinline__ uint32_t round_tf32_bits(float v) {
-  return (__float_as_uint(v) + 0x1000u) & 0xffffe000u;
+  return __float_as_uint(to_tf32(v));
 }
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], float b0,
