@@ -264,16 +264,19 @@ def fill_comparisons(rows: list[dict]) -> None:
 
 
 class Progress:
-    """tqdm when it is installed, else one line per point on stderr."""
+    """A tqdm bar on a terminal when tqdm is installed, else one line per point on stderr
+    (which also reads well in a log file)."""
 
     def __init__(self, total: int) -> None:
         self.total, self.done, self.started = total, 0, time.perf_counter()
-        try:
-            from tqdm.auto import tqdm
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, file=sys.stderr, unit="point", dynamic_ncols=True)
-        except ImportError:
-            self.bar = None
+                self.bar = tqdm(total=total, file=sys.stderr, unit="point", dynamic_ncols=True)
+            except ImportError:
+                pass
 
     def describe(self, text: str) -> None:
         if self.bar is not None:
@@ -469,7 +472,7 @@ class Runner:
                         "only")}
                 plan = settings.interpreted_plan or plan
 
-        module = call = None
+        module = compiled = call = run = prepare = leaves = None
         try:
             self.timer.synchronize()
             resident = torch.cuda.memory_allocated(self.device) if self.timer.is_cuda else 0
@@ -524,7 +527,9 @@ class Runner:
             row.update(status=ERROR, message=_first_line(error))
             return row
         finally:
-            module = call = None
+            # Drop every reference first, so that _release really frees the module, its
+            # compiled graphs and their CUDA-graph pools before the next point is measured.
+            module = compiled = call = run = prepare = leaves = None
             _release(impl)
             if self.timer.is_cuda:
                 try:
@@ -603,13 +608,18 @@ def run(settings: Settings) -> int:
             set_tf32(precision.allow_tf32 if precision.dtype == torch.float32 else True)
             for batch in settings.batches:
                 progress.describe(f"{precision.name} b{batch}")
-                group = make_group(settings, precision, batch, state) \
-                    if runner.context_lost is None else None
+                group, group_error = None, runner.context_lost
+                if group_error is None:
+                    try:
+                        group = make_group(settings, precision, batch, state)
+                    except Exception as error:  # e.g. no memory for this batch's inputs
+                        group_error = "inputs could not be made: " + _first_line(error)
                 for impl in impls:
                     for mode in settings.modes:
                         row = results.base_row(impl, mode, precision, batch)
                         if group is None:
-                            row = {**row, "status": SKIPPED, "message": runner.context_lost}
+                            status = SKIPPED if runner.context_lost else ERROR
+                            row = {**row, "status": status, "message": group_error}
                         else:
                             row = runner.point(impl, mode, group, state, row)
                         results.add(row)
