@@ -30,6 +30,9 @@ _EXACT_CHANNELS = {torch.float64: 4}
 #: Depth rows of the exact parity kernel's tile (1: two blocks per SM overlap staging and
 #: arithmetic; 2: one block of 8 warps with less halo).
 EXACT_ROWS = int(os.environ.get("FUSED3D_CUPY_EXACT_ROWS", "1"))
+#: Opt-in, not yet measured on a GPU: stage tiles with cp.async (all copies in flight) instead of
+#: load-then-store loops; the TF32 kernels then truncate x to TF32 instead of rounding it.
+ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_ASYNC_STAGING", "0") == "1"
 _THREADS = 256
 #: The TF32 fast path keeps every input channel's weights in registers: C_in <= 16.
 TF32_MAX_IN_CHANNELS = 16
@@ -164,7 +167,7 @@ def forward_impl(x, weight, bias, multiplier, stride, padding, output_padding, n
             grid_x = min(n * math.prod(tiles), 2 * _sm_count(launch.index))
             kernel((grid_x, math.ceil(c_out / 32)), (128,),
                    (xc, wc, bc, mc, yc, ic, yc, yc, yc, yc, *_i32(n, c_in, c_out, d, h, w),
-                    *tail, *_i32(*tiles)))
+                    *tail, *_i32(*tiles, ASYNC_STAGING)))
         elif config.is_parity_fast_path:
             channels = _EXACT_CHANNELS.get(x.dtype, 8)
             rows = EXACT_ROWS
@@ -176,7 +179,7 @@ def forward_impl(x, weight, bias, multiplier, stride, padding, output_padding, n
             tiles = (math.ceil(d / rows), math.ceil(h / 2), math.ceil(w / 32))
             kernel((n * math.prod(tiles), math.ceil(c_out / (4 * channels))), (128 * rows,),
                    (xc, wc, bc, mc, yc, ic, *_i32(n, c_in, c_out, d, h, w), *tail,
-                    *_i32(*tiles)))
+                    *_i32(*tiles, ASYNC_STAGING)))
         else:
             kernel = get_kernel("general.cu", f"general_forward<{scalar}, {acc}>", launch.index)
             shape = _general_shape(x, weight, config, y.shape[2:])
@@ -297,7 +300,7 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
             (xc, wc, bc, mc, yc, _as_cupy(window_index), yc, zc, _as_cupy(partial_bias),
              _as_cupy(partial_multiplier), *dims,
              *_i32(_multiplier_stride(multiplier), int(has_bias)), _f64(negative_slope),
-             *_i32(*tiles)))
+             *_i32(*tiles, ASYNC_STAGING)))
         dbias_acc = dmult_acc = None
         if want_bias or want_multiplier:
             dbias_acc = torch.empty(c_out, dtype=torch.float32, device=device)
@@ -318,7 +321,8 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
                                          device=device)
             pc = _as_cupy(partial_weight)
             get_kernel("parity_backward.cu", "parity_grad_weight_tf32", launch.index)(
-                (grid_w, math.ceil(c_out / 32)), (128,), (xc, zc, pc, *dims, *_i32(*tiles_w)))
+                (grid_w, math.ceil(c_out / 32)), (128,),
+                (xc, zc, pc, *dims, *_i32(*tiles_w, ASYNC_STAGING)))
             get_kernel("parity_backward.cu", "partial_sum_reduce", launch.index)(
                 (min(math.ceil(weight.numel() / 32), 8 * sms),), (_THREADS,),
                 (pc, _as_cupy(dweight), *_i32(grid_w, weight.numel())))
@@ -343,7 +347,7 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
                 kernel.max_dynamic_shared_size_bytes = shared
             tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))
             kernel((n * math.prod(tiles_x),), (128,),
-                   (zc, fc, _as_cupy(dx), *dims, *_i32(ksteps_out, *tiles_x)),
+                   (zc, fc, _as_cupy(dx), *dims, *_i32(ksteps_out, *tiles_x, ASYNC_STAGING)),
                    shared_mem=shared)
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 

@@ -111,3 +111,18 @@ __host__ __device__ constexpr int class_tap(int cls, int offset) {
     return parity_tap((cls >> 2) & 1, (offset >> 2) & 1) * 9 +
            parity_tap((cls >> 1) & 1, (offset >> 1) & 1) * 3 + parity_tap(cls & 1, offset & 1);
 }
+
+// Asynchronous global -> shared staging (cp.async, sm_80+): every copy of a staging loop is in
+// flight at once instead of one load round trip per few elements. `valid == false` writes zeros
+// (src-size 0: nothing is read; `src` must still be a mapped address). Call stage_wait() and then
+// __syncthreads() before the staged data is read. Raw bits are copied: TF32 kernels then feed
+// fp32 bit patterns to the tensor cores, which ignore the 13 low mantissa bits (truncation
+// instead of round-to-nearest).
+template <int BYTES>
+__device__ __forceinline__ void stage_async(void* shared_dst, const void* global_src, bool valid) {
+    const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(shared_dst));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(global_src),
+                 "n"(BYTES), "r"(valid ? BYTES : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void stage_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }

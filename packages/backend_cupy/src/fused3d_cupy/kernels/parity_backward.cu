@@ -56,7 +56,7 @@ template <int NT>
 __global__ void __launch_bounds__(128) parity_grad_x_tf32(
     const unsigned int* __restrict__ grad_z_packed, const uint2* __restrict__ weight_fragments,
     float* __restrict__ grad_x, int N, int Cin, int Cout, int D, int H, int W, int ksteps,
-    int tiles_d, int tiles_h, int tiles_w) {
+    int tiles_d, int tiles_h, int tiles_w, int async_staging) {
     using namespace grad_x_tile;
     extern __shared__ unsigned int zs[];  // [ksteps * 8][CS]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -75,12 +75,18 @@ __global__ void __launch_bounds__(128) parity_grad_x_tf32(
         const int co = i / QPOS, pos = i % QPOS;
         const int qw = pos % QW, qh = (pos / QW) % QH, qd = pos / (QW * QH);
         const int gd = d0 - 1 + qd, gh = h0 - 1 + qh, gw = w0 - 1 + qw;
-        unsigned int v = 0u;
-        if (co < Cout && gd >= 0 && gh >= 0 && gw >= 0 && gd < D && gh < H && gw < W)
-            v = grad_z_packed[((long long)n * Cout + co) * spatial + ((long long)gd * H + gh) * W +
-                              gw];
-        zs[co * CS + pos] = v;
+        const bool valid = co < Cout && gd >= 0 && gh >= 0 && gw >= 0 && gd < D && gh < H && gw < W;
+        const unsigned int* src =
+            valid ? grad_z_packed + ((long long)n * Cout + co) * spatial + ((long long)gd * H + gh) * W +
+                        gw
+                  : grad_z_packed;
+        if (async_staging) {
+            stage_async<4>(zs + co * CS + pos, src, valid);
+        } else {
+            zs[co * CS + pos] = valid ? *src : 0u;
+        }
     }
+    if (async_staging) stage_wait();
     __syncthreads();
 
     float acc[2][NT][4];
@@ -166,7 +172,7 @@ constexpr int ZS = QPOS + 4;
 extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
     const float* __restrict__ x, const unsigned int* __restrict__ grad_z_packed,
     float* __restrict__ partial_weight, int N, int Cin, int Cout, int D, int H, int W, int tiles_d,
-    int tiles_h, int tiles_w) {
+    int tiles_h, int tiles_w, int async_staging) {
     using namespace grad_w_tile;
     __shared__ unsigned int xs[16 * XS];
     __shared__ unsigned int zs[32 * ZS];
@@ -197,21 +203,32 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
             const int ci = i / XPOS, pos = i % XPOS;
             const int lw = pos % XW, lh = (pos / XW) % XH, ld = pos / (XW * XH);
             const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw;
-            float v = 0.0f;
-            if (ci < Cin && gd < D && gh < H && gw < W)
-                v = xn[(long long)ci * spatial + ((long long)gd * H + gh) * W + gw];
-            xs[ci * XS + pos] = to_tf32(v);
+            const bool valid = ci < Cin && gd < D && gh < H && gw < W;
+            const float* src =
+                valid ? xn + (long long)ci * spatial + ((long long)gd * H + gh) * W + gw : xn;
+            if (async_staging) {
+                stage_async<4>(xs + ci * XS + pos, src, valid);
+            } else {
+                xs[ci * XS + pos] = to_tf32(valid ? *src : 0.0f);
+            }
         }
         for (int i = threadIdx.x; i < 32 * QPOS; i += 128) {
             const int co_l = i / QPOS, pos = i % QPOS;
             const int lw = pos % TW, lh = (pos / TW) % TH, ld = pos / (TW * TH);
             const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw, co = co_block + co_l;
-            unsigned int v = 0u;  // value 0 of class 0: contributes nothing
-            if (co < Cout && gd < D && gh < H && gw < W)
-                v = grad_z_packed[((long long)n * Cout + co) * spatial +
-                                  ((long long)gd * H + gh) * W + gw];
-            zs[co_l * ZS + pos] = v;
+            // Outside: the word 0 (value 0 of class 0) contributes nothing.
+            const bool valid = co < Cout && gd < D && gh < H && gw < W;
+            const unsigned int* src =
+                valid ? grad_z_packed + ((long long)n * Cout + co) * spatial +
+                            ((long long)gd * H + gh) * W + gw
+                      : grad_z_packed;
+            if (async_staging) {
+                stage_async<4>(zs + co_l * ZS + pos, src, valid);
+            } else {
+                zs[co_l * ZS + pos] = valid ? *src : 0u;
+            }
         }
+        if (async_staging) stage_wait();
         __syncthreads();
 
 #pragma unroll 1
@@ -292,7 +309,7 @@ extern "C" __global__ void __launch_bounds__(256) partial_sum_reduce(const float
 
 #ifndef __CUDACC_RTC__
 template __global__ void parity_grad_x_tf32<1>(const unsigned int*, const uint2*, float*, int, int,
-                                               int, int, int, int, int, int, int, int);
+                                               int, int, int, int, int, int, int, int, int);
 template __global__ void parity_grad_x_tf32<2>(const unsigned int*, const uint2*, float*, int, int,
-                                               int, int, int, int, int, int, int, int);
+                                               int, int, int, int, int, int, int, int, int);
 #endif

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
     unsigned int* __restrict__ grad_z_packed, float* __restrict__ partial_bias,
     float* __restrict__ partial_multiplier, int N, int Cin, int Cout, int D, int H, int W,
     int multiplier_stride, int has_bias, double negative_slope, int tiles_d, int tiles_h,
-    int tiles_w) {
+    int tiles_w, int async_staging) {
     using namespace tf32_tile;
     constexpr int CIN_PAD = 8 * KSTEPS;
     __shared__ unsigned int xs[CIN_PAD * CS];
@@ -95,11 +95,17 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
             const int ci = i / XPOS, pos = i % XPOS;
             const int lw = pos % XW, lh = (pos / XW) % XH, ld = pos / (XW * XH);
             const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw;
-            float v = 0.0f;  // x beyond the edge contributes nothing (x[m+1] at m = last)
-            if (ci < Cin && gd < D && gh < H && gw < W)
-                v = xn[(long long)ci * spatial + ((long long)gd * H + gh) * W + gw];
-            xs[ci * CS + pos] = to_tf32(v);
+            // x beyond the edge contributes nothing (x[m+1] at m = last): zeros.
+            const bool valid = ci < Cin && gd < D && gh < H && gw < W;
+            const float* src = valid ? xn + (long long)ci * spatial + ((long long)gd * H + gh) * W + gw
+                                     : xn;
+            if (async_staging) {
+                stage_async<4>(xs + ci * CS + pos, src, valid);
+            } else {
+                xs[ci * CS + pos] = to_tf32(valid ? *src : 0.0f);
+            }
         }
+        if (async_staging) stage_wait();
         __syncthreads();
 
         for (int mt = 0; mt < MTILES; ++mt) {
@@ -220,7 +226,7 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
     const T* __restrict__ multiplier, T* __restrict__ y, unsigned char* __restrict__ window_index,
     int N, int Cin, int Cout, int D, int H, int W, int multiplier_stride, int has_bias,
-    double negative_slope, int tiles_d, int tiles_h, int tiles_w) {
+    double negative_slope, int tiles_d, int tiles_h, int tiles_w, int async_staging) {
     using namespace simt_tile;
     constexpr int COB = 4 * CO_T, THREADS = 128 * TD;
     // Input channels per shared-memory chunk (8-byte types: 4, to stay in 48 KB static smem).
@@ -244,6 +250,8 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     const int co_block = blockIdx.y * COB;
     const long long spatial = (long long)D * H * W;
     const T* xn = x + (long long)n * Cin * spatial;
+    // Raw copies need the staged type to be the stored type (float, double; not the halves).
+    const bool copy_async = async_staging && sizeof(T) == sizeof(Acc);
 
     Acc acc[TH][8][CO_T];
 #pragma unroll
@@ -259,10 +267,14 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
             const int ci = i / XPOS, pos = i % XPOS;
             const int lw = pos % XW, lh = (pos / XW) % XH, lz = pos / (XW * XH);
             const int gd = d0 + lz, gh = h0 + lh, gw = w0 + lw;
-            Acc v = Acc(0);
-            if (ci0 + ci < Cin && gd < D && gh < H && gw < W)
-                v = to_acc(xn[(long long)(ci0 + ci) * spatial + ((long long)gd * H + gh) * W + gw]);
-            xs[ci][pos] = v;
+            const bool valid = ci0 + ci < Cin && gd < D && gh < H && gw < W;
+            const T* src =
+                valid ? xn + (long long)(ci0 + ci) * spatial + ((long long)gd * H + gh) * W + gw : xn;
+            if (copy_async) {
+                stage_async<sizeof(Acc)>(&xs[ci][pos], src, valid);
+            } else {
+                xs[ci][pos] = valid ? to_acc(*src) : Acc(0);
+            }
         }
         // For one input channel the block's weights w[ci][co_block .. + COB][0 .. 27) are one
         // contiguous run: read it in order (coalesced), store transposed to [tap][co].
@@ -270,11 +282,16 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
             const int ci = i / (COB * 27), run = i % (COB * 27);
             const int co_l = run / 27, tap = run % 27;
             const int co = co_block + co_l;
-            Acc v = Acc(0);
-            if (ci0 + ci < Cin && co < Cout)
-                v = to_acc(weight[((long long)(ci0 + ci) * Cout + co_block) * 27 + run]);
-            ws[ci][tap][co_l] = v;
+            const bool valid = ci0 + ci < Cin && co < Cout;
+            const T* src = valid ? weight + ((long long)(ci0 + ci) * Cout + co_block) * 27 + run
+                                 : weight;
+            if (copy_async) {
+                stage_async<sizeof(Acc)>(&ws[ci][tap][co_l], src, valid);
+            } else {
+                ws[ci][tap][co_l] = valid ? to_acc(*src) : Acc(0);
+            }
         }
+        if (copy_async) stage_wait();
         __syncthreads();
 
 #pragma unroll 1
@@ -340,7 +357,7 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     template __global__ void parity_tf32<KSTEPS, GRAD>(                                        \
         const float*, const float*, const float*, const float*, float*, unsigned char*,       \
         const float*, unsigned int*, float*, float*, int, int, int, int, int, int, int, int,  \
-        double, int, int, int);
+        double, int, int, int, int);
 FUSED3D_INSTANTIATE_TF32(1, false)
 FUSED3D_INSTANTIATE_TF32(2, false)
 FUSED3D_INSTANTIATE_TF32(1, true)
@@ -348,7 +365,7 @@ FUSED3D_INSTANTIATE_TF32(2, true)
 #define FUSED3D_INSTANTIATE_EXACT(T, Acc, CO_T, TD)                                            \
     template __global__ void parity_forward_exact<T, Acc, CO_T, TD>(                           \
         const T*, const T*, const T*, const T*, T*, unsigned char*, int, int, int, int, int,   \
-        int, int, int, double, int, int, int);
+        int, int, int, double, int, int, int, int);
 FUSED3D_INSTANTIATE_EXACT(float, float, 8, 1)
 FUSED3D_INSTANTIATE_EXACT(double, double, 4, 1)
 FUSED3D_INSTANTIATE_EXACT(half_t, float, 8, 1)
