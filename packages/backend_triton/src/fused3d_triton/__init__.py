@@ -59,7 +59,12 @@ class TritonBackend(BackendBase):
 
         from .launch import triton_backward, triton_forward
 
-        define_python_ops(NAMESPACE, triton_forward, triton_backward, factory="triton_op")
+        # torch.library.triton_op lets torch.compile see the kernels (wrap_triton). Under the
+        # interpreter wrap_triton hands back the plain Python kernel, which cannot be traced
+        # with fake tensors, so there the ops are opaque custom ops instead (still one graph
+        # node each: no graph break).
+        factory = "custom_op" if _interpreting() else "triton_op"
+        define_python_ops(NAMESPACE, triton_forward, triton_backward, factory=factory)
 
     def versions(self) -> dict[str, str]:
         versions = {"torch": torch.__version__}

@@ -21,8 +21,14 @@ float64 has no tensor-core dot: ``IS_FP64`` switches every product to an fp64 FM
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Triton 3.6's interpreter computes bfloat16 dots wrongly: there, every dot runs on operands
+# upcast to float32 (exact for fp16/bf16 products, so the result is what the GPU computes).
+_INTERPRETER_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 # --------------------------------------------------------------------------- helpers
 
@@ -51,12 +57,22 @@ def _leaky_grad(t, slope):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (acc may be None)."""
+    if _INTERPRETER_DOT:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
 def _mma(acc, a, b, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
     """acc += a @ b: tensor cores for fp32/fp16/bf16, an exact FMA reduction for fp64."""
     if IS_FP64:
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _dot(a, b, acc, PRECISION)
     return acc
 
 
@@ -129,7 +145,14 @@ def _general_window_z(
             w_ptr + (ci * (C_out * taps) + tap)[:, None] + offs_co[None, :] * taps,
             mask=k_mask[:, None] & co_mask[None, :], other=0.0,
         )
-        acc = _mma(acc, a, b, IS_FP64, PRECISION)
+        if IS_FP64:
+            # Mask the products, not only the operand: a NaN/inf weight at a tap this output
+            # does not use must not reach it (0 * NaN = NaN). The tensor-core paths cannot
+            # do this; see README.
+            acc += tl.sum(tl.where(valid[:, :, None], a[:, :, None] * b[None, :, :], 0.0),
+                          axis=1)
+        else:
+            acc = _dot(a, b, acc, PRECISION)
     return acc
 
 
@@ -433,7 +456,7 @@ def parity_forward_kernel(
             x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
             (c >> 2) & 1, (c >> 1) & 1, c & 1, BLOCK_CI,
         )
-        z = tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32) + bias[None, :]
+        z = _dot(a, b, None, PRECISION) + bias[None, :]
         value = _leaky(mult[None, :] * _leaky(z, slope), slope)
         update = (best < value) | (value != value)
         best = tl.where(update, value, best)
@@ -459,14 +482,14 @@ def _parity_class_backward(
         x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
         CD, CH, CW, BLOCK_CI,
     )
-    z = tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32) + bias[None, :]
+    z = _dot(a, b, None, PRECISION) + bias[None, :]
     inner = _leaky(z, slope)
     g_outer = tl.where(winner == CD * 4 + CH * 2 + CW,
                        g * _leaky_grad(mult[None, :] * inner, slope), 0.0)
     dz = g_outer * mult[None, :] * _leaky_grad(z, slope)
     dm = g_outer * inner
     if COMPUTE_DW:
-        dw_acc = tl.dot(tl.trans(a.to(tl.float32)), dz, dw_acc, input_precision=PRECISION)
+        dw_acc = _dot(tl.trans(a.to(tl.float32)), dz, dw_acc, PRECISION)
     return dz, dm, dw_acc
 
 
