@@ -55,15 +55,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _use_fixed_config(x: torch.Tensor) -> bool:
-    """Autotuning benchmarks with host syncs: not in the interpreter, not while capturing."""
-    if interpreting() or not x.is_cuda:
-        return True
-    if torch.compiler.is_compiling():
-        return False
-    return torch.cuda.is_current_stream_capturing()
-
-
 def _uses_parity_path(x: torch.Tensor, weight: torch.Tensor, config) -> bool:
     return (
         config.is_parity_fast_path
@@ -154,6 +145,30 @@ dx_tuned = triton.autotune(
 )(kernels.general_dx_kernel)
 
 
+def _capturing() -> bool:
+    return (not torch.compiler.is_compiling()) and torch.cuda.is_current_stream_capturing()
+
+
+def _launch_tuned(tuned, grid_fn, args: tuple, kwargs: dict, x: torch.Tensor,
+                  fallback: triton.Config) -> None:
+    """Launch an autotuned kernel; with one fixed config where autotuning cannot run.
+
+    Autotuning times candidates with host syncs: impossible under the interpreter (and
+    pointless there) and inside CUDA-graph capture. While capturing, the config tuned by the
+    warm-up call (best_config) is reused, so nothing new is compiled inside the capture.
+    """
+    if _on_gpu(x) and not _capturing():
+        wrap_triton(tuned)[grid_fn](*args, **kwargs)
+        return
+    config = fallback
+    if _on_gpu(x) and tuned.best_config is not None:
+        config = tuned.best_config
+    meta = {**kwargs, **config.kwargs}
+    wrap_triton(tuned.fn)[grid_fn(meta)](
+        *args, **meta, num_warps=config.num_warps, num_stages=config.num_stages
+    )
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -186,17 +201,12 @@ def triton_forward(
         block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
         args = (x, weight, bias_arg, multiplier, y, window_index, m_total, c_in, c_out, d, h, w,
                 m_stride, slope)
-        if _use_fixed_config(x):
-            block_m = 64 if _on_gpu(x) else 128
-            wrap_triton(kernels.parity_forward_kernel)[(triton.cdiv(m_total, block_m),)](
-                *args, HAS_BIAS=has_bias, PRECISION=precision, BLOCK_M=block_m,
-                BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
-            )
-        else:
-            wrap_triton(parity_forward_tuned)[
-                lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),)
-            ](*args, HAS_BIAS=has_bias, PRECISION=precision, BLOCK_CI=block_ci,
-              BLOCK_CO=block_co)
+        _launch_tuned(
+            parity_forward_tuned, lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),), args,
+            {"HAS_BIAS": has_bias, "PRECISION": precision, "BLOCK_CI": block_ci,
+             "BLOCK_CO": block_co},
+            x, triton.Config({"BLOCK_M": 64 if _on_gpu(x) else 128}, num_warps=4),
+        )
         return y, window_index
 
     dp, hp, wp = y.shape[2:]
@@ -226,16 +236,17 @@ def _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64):
     block_i, block_ci, block_k, warps = _dx_blocks(dx, c_in, taps * c_out)
     args = (dz, window_index, weight, dx, i_total, c_in, c_out, d, h, w, dp, hp, wp,
             *config.kernel_size, *config.stride, *config.padding)
-    if is_fp64 or _use_fixed_config(dx):
-        grid = (triton.cdiv(i_total, block_i), triton.cdiv(c_in, block_ci))
-        wrap_triton(kernels.general_dx_kernel)[grid](
-            *args, IS_FP64=is_fp64, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
+    grid_fn = lambda meta: (triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci))  # noqa: E731
+    if is_fp64:
+        wrap_triton(kernels.general_dx_kernel)[grid_fn({"BLOCK_I": block_i})](
+            *args, IS_FP64=True, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
             BLOCK_K=block_k, num_warps=warps,
         )
-    else:
-        wrap_triton(dx_tuned)[
-            lambda meta: (triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci))
-        ](*args, IS_FP64=False, PRECISION=precision, BLOCK_CI=block_ci)
+        return
+    _launch_tuned(
+        dx_tuned, grid_fn, args, {"IS_FP64": False, "PRECISION": precision, "BLOCK_CI": block_ci},
+        dx, triton.Config({"BLOCK_I": block_i, "BLOCK_K": block_k}, num_warps=warps),
+    )
 
 
 def _launch_general_dw(dz, window_index, x, dw_shape, config, precision, is_fp64):
@@ -323,14 +334,11 @@ def triton_backward(
                 db_partials, dm_partials, m_total, c_in, c_out, d, h, w, m_stride, slope)
         flags = {"HAS_BIAS": has_bias, "STORE_DZ": bool(want_x),
                  "COMPUTE_DW": bool(want_weight), "PRECISION": precision}
-        if _use_fixed_config(x):
-            wrap_triton(kernels.parity_backward_kernel)[(programs,)](
-                *args, **flags, BLOCK_M=32, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
-            )
-        else:
-            wrap_triton(parity_backward_tuned)[(programs,)](
-                *args, **flags, BLOCK_CI=block_ci, BLOCK_CO=block_co,
-            )
+        _launch_tuned(
+            parity_backward_tuned, lambda meta: (programs,), args,
+            {**flags, "BLOCK_CI": block_ci, "BLOCK_CO": block_co},
+            x, triton.Config({"BLOCK_M": 32 if _on_gpu(x) else 64}, num_warps=4),
+        )
         if want_weight:
             dweight = dw_partials.sum(dim=0).reshape(weight.shape).to(weight.dtype)
     else:
