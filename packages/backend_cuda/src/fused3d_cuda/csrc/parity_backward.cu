@@ -49,7 +49,6 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
     const T* __restrict__ multiplier, const T* __restrict__ grad_y,
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
     float* __restrict__ channel_partials, BlockShape s, BackwardGeometry geo) {
-  constexpr bool kRound = std::is_same<T, float>::value;
   extern __shared__ float4 smem4[];
   const int cip = geo.ci_padded;
   float* ws = reinterpret_cast<float*>(smem4);
@@ -93,6 +92,8 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
     } else {
       cp_async_wait<0>();
     }
+    if (std::is_same<T, float>::value)
+      round_own_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStride);
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const int h = c.h0 + hl;
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
 #pragma unroll
     for (int cls = 0; cls < 8; ++cls) {
       float acc[2][4][4];
-      accumulate_class_tf32<kRound>(acc, cls, xs, smem4, hl, lane, ksteps);
+      accumulate_class_tf32<false>(acc, cls, xs, smem4, hl, lane, ksteps);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -325,19 +326,20 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
     const T* __restrict__ x, const float* __restrict__ packed_dz,
     float* __restrict__ weight_partials, BlockShape s, BackwardGeometry geo) {
-  constexpr bool kRound = std::is_same<T, float>::value;
   extern __shared__ float4 smem4[];
   const int cip = geo.ci_padded, cop = geo.co_padded;
   float* xs_base = reinterpret_cast<float*>(smem4);  // 2 x [16][kXStrideT]
   const int xs_size = kMaxCin * kXStrideT;
   float* dz_base = xs_base + 2 * xs_size;  // 2 x [cop][kDzStrideT]
-  const int dz_size = cop * kDzStrideT;
+  const int dz_size = kMaxCout * kDzStrideT;  // rows >= cop stay zero
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 
   // Rows ci >= cip of the x tile are never loaded: zero them once in both buffers.
   for (int e = threadIdx.x; e < 2 * xs_size; e += blockDim.x)
     if ((e % xs_size) / kXStrideT >= cip) xs_base[e] = 0.f;
+  for (int e = threadIdx.x; e < 2 * dz_size; e += blockDim.x)
+    if ((e % dz_size) / kDzStrideT >= cop) dz_base[e] = 0.f;
 
   auto issue = [&](int tile_index, int buffer) {
     const TileCoord c = decode_tile(tile_index, s.in_size[0], geo.h_tiles, geo.w_tiles);
@@ -411,6 +413,8 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
     } else {
       cp_async_wait<0>();
     }
+    if (std::is_same<T, float>::value)
+      round_own_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStrideT);
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const float* dzs = dz_base + (it & 1) * dz_size;
@@ -432,11 +436,8 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
         // A = x^T: a0 = (ci g, pos t), a1 = (ci g+8, pos t), a2 = (g, t+4), a3 = (g+8, t+4)
         const float* xa = xs + g * kXStrideT + pos0;
         const float v0 = xa[0], v1 = xa[8 * kXStrideT], v2 = xa[4], v3 = xa[8 * kXStrideT + 4];
-        uint32_t a[4];
-        a[0] = kRound ? round_tf32_bits(v0) : __float_as_uint(v0);
-        a[1] = kRound ? round_tf32_bits(v1) : __float_as_uint(v1);
-        a[2] = kRound ? round_tf32_bits(v2) : __float_as_uint(v2);
-        a[3] = kRound ? round_tf32_bits(v3) : __float_as_uint(v3);
+        const uint32_t a[4] = {__float_as_uint(v0), __float_as_uint(v1), __float_as_uint(v2),
+                               __float_as_uint(v3)};
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
           mma_tf32(acc[j][nt], a, __uint_as_float(masked_class(braw[nt][0], my_cls[j])),
@@ -512,7 +513,7 @@ inline size_t grad_x_smem(const BackwardGeometry& g) {
   return sizeof(float) * ((size_t)kTaps * g.co_padded * 16 + 2 * (size_t)g.co_padded * kXStride);
 }
 inline size_t grad_weight_smem(const BackwardGeometry& g) {
-  return sizeof(float) * (2 * (size_t)kMaxCin * kXStrideT + 2 * (size_t)g.co_padded * kDzStrideT);
+  return sizeof(float) * (2 * (size_t)kMaxCin * kXStrideT + 2 * (size_t)kMaxCout * kDzStrideT);
 }
 
 struct WorkspaceLayout {

@@ -133,6 +133,18 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 
+// Round this thread's own elements of an x tile (the ones its cp.async calls wrote, now
+// complete) to TF32 in place, so the mma loops read ready operands. Call between
+// cp_async_wait and the __syncthreads that publishes the tile.
+__device__ __forceinline__ void round_own_x_tile_tf32(float* xs, int ci_padded, int stride) {
+  const int total = ci_padded * kHalo;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const int ci = e / kHalo;
+    float* p = xs + ci * stride + (e - ci * kHalo);
+    *p = to_tf32(*p);
+  }
+}
+
 // Conv values of parity class `cls` for a warp's 32 pooled positions (h-line hl of the tile)
 // x 32 channels, as mma C fragments: acc[mt][nt][r] is row mt*16 + g + 8*(r>>1), channel
 // nt*8 + 2t + (r&1). x tile: [ci][halo] floats; weights: B fragments (see stage_weights_tf32).

@@ -20,11 +20,15 @@ namespace parity {
 constexpr int kThreads = 256;  // 8 warps; warp w owns h-line w of the tile
 constexpr int kTaps = 27;
 
-// Epilogue value of one conv output, then PyTorch's pool update into (best, packed index).
-__device__ __forceinline__ void fold_into_pool(float z, float bias, float m, float slope,
+// Epilogue of one conv output z (bias not yet added), then PyTorch's pool update into
+// (best, packed index). leaky(m * leaky(t)) is linear on each side of t = 0, so it is
+// t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
+// slope (one rounding instead of three; NaN and infinities propagate the same way).
+__device__ __forceinline__ void fold_into_pool(float z, float bias, float c_pos, float c_neg,
                                                int cls, float& best, uint32_t& win_bytes,
                                                int byte) {
-  const float v = leaky(m * leaky(z + bias, slope), slope);
+  const float t = z + bias;
+  const float v = t * (t > 0.f ? c_pos : c_neg);
   if (cls == 0) {
     best = v;
   } else if (pool_takes(best, v)) {
@@ -52,15 +56,14 @@ template <typename T>
 __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
                                                   const float4* __restrict__ ws4,
                                                   const float* __restrict__ bias_s,
-                                                  const float* __restrict__ mult_s,
+                                                  const float* __restrict__ slopes_s,
                                                   T* y, uint8_t* window_index,
                                                   const BlockShape& s, TileCoord c,
                                                   int ksteps) {
-  // fp16/bf16 values are exact in TF32; fp32 operands are rounded to nearest here.
-  constexpr bool kRound = std::is_same<T, float>::value;
+  // fp16/bf16 values are exact in TF32; fp32 x tiles were rounded to nearest in place.
+  constexpr bool kRound = false;
   const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const float slope = (float)s.negative_slope;
   float best[2][4][4];
   uint32_t win[2][4];
 #pragma unroll
@@ -75,8 +78,8 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int col = nt * 8 + 2 * t + (r & 1);
-          fold_into_pool(acc[mt][nt][r], bias_s[col], mult_s[col], slope, cls,
-                         best[mt][nt][r], win[mt][nt], r);
+          fold_into_pool(acc[mt][nt][r], bias_s[col], slopes_s[col], slopes_s[kCoTile + col],
+                         cls, best[mt][nt][r], win[mt][nt], r);
         }
       }
   }
@@ -100,12 +103,11 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
                                                   const float* __restrict__ ws,
                                                   const float* __restrict__ bias_s,
-                                                  const float* __restrict__ mult_s, float* y,
+                                                  const float* __restrict__ slopes_s, float* y,
                                                   uint8_t* window_index, const BlockShape& s,
                                                   TileCoord c, int ci_padded) {
   const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
   const int cg = lane & 3, wg = lane >> 2;
-  const float slope = (float)s.negative_slope;
   float best[4][8];
   uint32_t win[8];  // byte j = window index of w position j, channel cc
 #pragma unroll
@@ -141,8 +143,8 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int col = cg * 8 + cc;
-        fold_into_pool(acc[j][cc], bias_s[col], mult_s[col], slope, cls, best[j][cc], win[cc],
-                       j);
+        fold_into_pool(acc[j][cc], bias_s[col], slopes_s[col], slopes_s[kCoTile + col], cls,
+                       best[j][cc], win[cc], j);
       }
     }
   }
@@ -173,7 +175,7 @@ __global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
   float* xs_base = ws + kTaps * cip * kCoTile;  // two x buffers of cip * kXStride floats
   const int xs_size = cip * kXStride;
   float* bias_s = xs_base + 2 * xs_size;
-  float* mult_s = bias_s + kCoTile;
+  float* slopes_s = bias_s + kCoTile;  // [c_pos x 32][c_neg x 32]
   const int co0 = blockIdx.y * kCoTile;
   if ((int)blockIdx.x >= geo.tiles) return;
 
@@ -201,7 +203,11 @@ __global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
     const int co = co0 + threadIdx.x;
     const bool valid = co < s.out_channels;
     bias_s[threadIdx.x] = (valid && bias) ? to_acc(bias[co]) : 0.f;
-    mult_s[threadIdx.x] = valid ? to_acc(multiplier[co * s.multiplier_stride]) : 0.f;
+    const float m = valid ? to_acc(multiplier[co * s.multiplier_stride]) : 0.f;
+    const float slope = (float)s.negative_slope;
+    // t > 0: v = m t, kept when m > 0.  t <= 0: v = m slope t, kept when m slope < 0.
+    slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
+    slopes_s[kCoTile + threadIdx.x] = (m * slope < 0.f) ? m * slope : slope * (m * slope);
   }
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
@@ -215,12 +221,14 @@ __global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
     } else {
       cp_async_wait<0>();
     }
+    if (kTensorCores && std::is_same<T, float>::value)
+      round_own_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStride);
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
     if constexpr (kTensorCores) {
-      tile_compute_tf32<T>(xs_base + (it & 1) * xs_size, smem4, bias_s, mult_s, y,
+      tile_compute_tf32<T>(xs_base + (it & 1) * xs_size, smem4, bias_s, slopes_s, y,
                            window_index, s, c, ksteps);
     } else {
-      tile_compute_ffma(xs_base + (it & 1) * xs_size, ws, bias_s, mult_s,
+      tile_compute_ffma(xs_base + (it & 1) * xs_size, ws, bias_s, slopes_s,
                         reinterpret_cast<float*>(y), window_index, s, c, cip);
     }
     __syncthreads();  // everyone is done with this buffer before it is refilled
@@ -231,7 +239,7 @@ inline int ci_padded_of(const BlockShape& s) { return (s.in_channels + 7) / 8 * 
 
 inline size_t forward_smem_bytes(const BlockShape& s) {
   const int cip = ci_padded_of(s);
-  return sizeof(float) * ((size_t)kTaps * cip * kCoTile + 2 * (size_t)cip * kXStride + 2 * kCoTile);
+  return sizeof(float) * ((size_t)kTaps * cip * kCoTile + 2 * (size_t)cip * kXStride + 3 * kCoTile);
 }
 
 template <typename T, bool kTensorCores>
