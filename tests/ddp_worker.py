@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import os
 import sys
 
@@ -24,10 +26,10 @@ def global_batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, target
 
 
-def run_rank(rank: int, world_size: int, init_file: str, out_dir: str, seed: int,
+def run_rank(rank: int, world_size: int, init_method: str, out_dir: str, seed: int,
              backend: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=120))
     try:
         model = DistributedDataParallel(build(seed, backend))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -45,5 +47,7 @@ def run_rank(rank: int, world_size: int, init_file: str, out_dir: str, seed: int
 
 
 if __name__ == "__main__":
-    rank, world_size, init_file, out_dir, seed, backend = sys.argv[1:]
-    run_rank(int(rank), int(world_size), init_file, out_dir, int(seed), backend)
+    # A hung rank prints where it is stuck and exits instead of waiting forever.
+    faulthandler.dump_traceback_later(150, exit=True)
+    rank, world_size, init_method, out_dir, seed, backend = sys.argv[1:]
+    run_rank(int(rank), int(world_size), init_method, out_dir, int(seed), backend)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,15 +22,23 @@ def test_ddp_gloo_two_processes_match_single_process(backend_name, tmp_path):
     import ddp_worker
 
     seed = int.from_bytes(os.urandom(2), "little")
-    init_file = tmp_path / "init"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        init_method = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]),
+           # Loopback only: gloo otherwise binds the address the host name resolves to.
+           "GLOO_SOCKET_IFNAME": "lo"}
     ranks = [
         subprocess.Popen([sys.executable, os.path.join(HERE, "ddp_worker.py"), str(rank), "2",
-                          str(init_file), str(tmp_path), str(seed), backend_name], env=env)
+                          init_method, str(tmp_path), str(seed), backend_name], env=env)
         for rank in range(2)
     ]
-    for process in ranks:
-        assert process.wait(timeout=300) == 0, "a DDP rank failed"
+    try:
+        codes = [process.wait(timeout=300) for process in ranks]
+    finally:
+        for process in ranks:  # never leave a rank behind, whatever happened
+            process.kill()
+    assert codes == [0, 0], f"DDP ranks exited with {codes}"
     distributed = torch.load(tmp_path / "ddp.pt")
 
     # One process, whole batch: MSE over the batch is the mean of the two shards' MSEs,

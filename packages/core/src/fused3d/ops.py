@@ -112,6 +112,8 @@ def _setup_context(ctx, inputs, output):
     )
     _, window_index = output
     ctx.mark_non_differentiable(window_index)
+    # No zero tensor for the index's (non-existent) gradient, nor for an unused y.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, bias, multiplier, window_index)
     ctx.op_args = (list(stride), list(padding), list(output_padding), negative_slope, allow_tf32)
 
@@ -122,7 +124,7 @@ def _make_backward(backward_op: Callable):
         wanted = list(ctx.needs_input_grad[:4])
         if bias is None:
             wanted[2] = False
-        if not any(wanted):
+        if grad_y is None or not any(wanted):
             return (None,) * 9
         grads = backward_op(
             grad_y.contiguous(), window_index, x, weight, bias, multiplier, *ctx.op_args, wanted

@@ -29,7 +29,8 @@ _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "fused3d_backend", default=None
 )
 _lock = threading.RLock()
-_backends: dict[str, Backend] | None = None
+_entry_points: dict[str, metadata.EntryPoint] | None = None
+_loaded: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
 _fallback_warnings_given: set[tuple] = set()
 
@@ -45,37 +46,46 @@ class BackendStatus:
     versions: dict[str, str]
 
 
-def _discover() -> dict[str, Backend]:
-    global _backends
+def _registered() -> dict[str, metadata.EntryPoint]:
+    global _entry_points
     with _lock:
-        if _backends is None:
-            found: dict[str, Backend] = {}
-            for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
-                try:
-                    found[entry.name] = entry.load()
-                except Exception as error:  # a broken install must not hide the others
-                    _load_errors[entry.name] = f"import of {entry.value} failed: {error!r}"
-            _backends = found
-        return _backends
+        if _entry_points is None:
+            _entry_points = {
+                entry.name: entry for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)
+            }
+        return _entry_points
 
 
 def backend_names() -> list[str]:
-    """Every registered backend name, importable or not."""
-    return sorted(set(_discover()) | set(_load_errors))
+    """Every registered backend name, importable or not (nothing is imported)."""
+    return sorted(_registered())
+
+
+def _load(name: str) -> Backend | None:
+    """Import one backend (only when it is asked for); None if its import failed."""
+    with _lock:
+        if name not in _loaded and name not in _load_errors:
+            entry = _registered()[name]
+            try:
+                _loaded[name] = entry.load()
+            except Exception as error:  # a broken install must not hide the others
+                _load_errors[name] = f"import of {entry.value} failed: {error!r}"
+        return _loaded.get(name)
 
 
 def get_backend(name: str) -> Backend:
     """The backend object registered as ``name``; raises listing the known names."""
-    backends = _discover()
-    if name in backends:
-        return backends[name]
-    if name in _load_errors:
-        raise BackendError(f"backend {name!r} is installed but cannot be imported: "
-                           f"{_load_errors[name]}")
-    raise UnknownBackendError(
-        f"unknown fused3d backend {name!r}; known backends: "
-        + ", ".join([AUTO, *backend_names()])
-    )
+    if name not in _registered():
+        raise UnknownBackendError(
+            f"unknown fused3d backend {name!r}; known backends: "
+            + ", ".join([AUTO, *backend_names()])
+        )
+    backend = _load(name)
+    if backend is None:
+        raise BackendError(
+            f"backend {name!r} is installed but cannot be imported: {_load_errors[name]}"
+        )
+    return backend
 
 
 def _unavailable(backend: Backend) -> list[str]:
@@ -89,10 +99,10 @@ def available_backends() -> list[BackendStatus]:
     """Every registered backend, whether it can run here, and if not, why."""
     rows = []
     for name in backend_names():
-        if name in _load_errors:
+        backend = _load(name)
+        if backend is None:
             rows.append(BackendStatus(name, False, (_load_errors[name],), "", {}))
             continue
-        backend = _discover()[name]
         reasons = _unavailable(backend)
         try:
             versions = dict(backend.versions())
@@ -148,12 +158,13 @@ def select_backend(explicit: str | None, spec: CallSpec) -> Backend:
         return backend
 
     # auto: the reference backend on CPU, else the highest-priority backend that can run.
+    names = ["reference"] if spec.device_type == "cpu" else backend_names()
+    skipped = [f"{name}: {_load_errors[name]}" for name in names if _load(name) is None]
     candidates = sorted(
-        (b for b in _discover().values()), key=lambda b: b.auto_priority, reverse=True
+        (_loaded[name] for name in names if name in _loaded),
+        key=lambda b: b.auto_priority,
+        reverse=True,
     )
-    if spec.device_type == "cpu":
-        candidates = [b for b in candidates if b.name == "reference"]
-    skipped: list[str] = []
     for backend in candidates:
         reasons = _reasons_for(backend, spec)
         if reasons:
@@ -180,10 +191,20 @@ def select_backend(explicit: str | None, spec: CallSpec) -> Backend:
     )
 
 
+_namespace_cache: dict[tuple[str, str, torch.dtype], str] = {}
+
+
 @torch.compiler.assume_constant_result
 def resolve_namespace(explicit: str | None, device_type: str, dtype: torch.dtype) -> str:
     """The ``torch.ops`` namespace serving a call. A constant while ``torch.compile`` traces.
 
     Takes plain values (not tensors, no shapes) so that Dynamo can run it once at trace time.
+    The choice is cached per (requested name, device type, dtype): availability does not
+    change within a process, and eager calls should not pay for the checks again.
     """
-    return select_backend(explicit, CallSpec(device_type, dtype)).namespace
+    key = (requested_backend(explicit), device_type, dtype)
+    namespace = _namespace_cache.get(key)
+    if namespace is None:
+        namespace = select_backend(key[0], CallSpec(device_type, dtype)).namespace
+        _namespace_cache[key] = namespace
+    return namespace

@@ -12,6 +12,14 @@ from .config import BlockConfig
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """Does ``shape`` broadcast to exactly ``target`` (right-aligned, sizes 1 or equal)?"""
+    if len(shape) > len(target):
+        return False
+    aligned = target[len(target) - len(shape):]
+    return all(size in (1, want) for size, want in zip(shape, aligned, strict=True))
+
+
 def validate_inputs(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -54,11 +62,7 @@ def validate_inputs(
             f"got {tuple(bias.shape)}"
         )
     expected = (out_channels, 1, 1, 1)
-    try:
-        broadcast = torch.broadcast_shapes(tuple(multiplier.shape), expected)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != expected:
+    if not _broadcasts_to(tuple(multiplier.shape), expected):
         raise ValueError(
             f"multiplier must broadcast to (C_out, 1, 1, 1) = {expected}, "
             f"got shape {tuple(multiplier.shape)}"
