@@ -383,94 +383,143 @@ def general_dw_kernel(
 
 
 # --------------------------------------------------------------------------- parity path
+#
+# Fast-path kernels are persistent: the weight tiles (27 taps x C_in x C_out, gathered with
+# stride 27, so uncoalesced) are loaded once per program and stay on chip, instead of once per
+# block. A block of positions never straddles two images, so its positions are contiguous in
+# memory and every x / y / dz access is coalesced.
 
 
 @triton.jit
-def _parity_operands(
-    x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
-    CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_CI: tl.constexpr,
-):
-    """A [BLOCK_M, T*BLOCK_CI] (x at the class's input offsets) and B [T*BLOCK_CI, BLOCK_CO]
-    (the class's weight taps) for parity class (CD, CH, CW), T = (1+CD)(1+CH)(1+CW).
+def _class_taps(CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows (tap t, channel c) of parity class (CD, CH, CW): T = (1+CD)(1+CH)(1+CW) taps.
 
     Per axis, class 0 has one tap (offset 0, k=1); class 1 has two: (offset 0, k=2) and
-    (offset 1, k=0), i.e. k = 1 + c*(1 - 2*offset).
+    (offset 1, k=0), i.e. k = 1 + class*(1 - 2*offset). Returns (channel, offsets, flat tap).
     """
-    k = tl.arange(0, (1 + CD) * (1 + CH) * (1 + CW) * BLOCK_CI)
-    t = k // BLOCK_CI
-    ci = k % BLOCK_CI
+    k = tl.arange(0, (1 + CD) * (1 + CH) * (1 + CW) * BLOCK_C)
+    t = k // BLOCK_C
+    channel = k % BLOCK_C
     off_d = t // ((1 + CH) * (1 + CW))
     off_h = (t // (1 + CW)) % (1 + CH)
     off_w = t % (1 + CW)
     tap = ((1 + CD * (1 - 2 * off_d)) * 3 + (1 + CH * (1 - 2 * off_h))) * 3 \
         + (1 + CW * (1 - 2 * off_w))
-    ci_mask = ci < C_in
-    spatial = D * H * W
-    a_mask = (
-        m_mask[:, None] & ci_mask[None, :]
+    return channel, off_d, off_h, off_w, tap
+
+
+@triton.jit
+def _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask,
+                   CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """B [T*BLOCK_CI, BLOCK_CO]: row (t, ci) = w[ci, :, tap t] of parity class (CD, CH, CW)."""
+    ci, _od, _oh, _ow, tap = _class_taps(CD, CH, CW, BLOCK_CI)
+    return tl.load(
+        w_ptr + (ci * (C_out * 27) + tap)[:, None] + offs_co[None, :] * 27,
+        mask=(ci < C_in)[:, None] & co_mask[None, :], other=0.0,
+    )
+
+
+@triton.jit
+def _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask,
+                     CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+                     BLOCK_CO: tl.constexpr):
+    """B^T [T*BLOCK_CO, BLOCK_CI]: row (t, co) = w[:, co, tap t] (for dx)."""
+    co, _od, _oh, _ow, tap = _class_taps(CD, CH, CW, BLOCK_CO)
+    return tl.load(
+        w_ptr + (co * 27 + tap)[:, None] + offs_ci[None, :] * (C_out * 27),
+        mask=(co < C_out)[:, None] & ci_mask[None, :], other=0.0,
+    )
+
+
+@triton.jit
+def _parity_x(x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W,
+              CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """A [BLOCK_M, T*BLOCK_CI]: x[n, ci, m + offset t] for parity class (CD, CH, CW)."""
+    ci, off_d, off_h, off_w, _tap = _class_taps(CD, CH, CW, BLOCK_CI)
+    mask = (
+        m_mask[:, None] & (ci < C_in)[None, :]
         & (m_d[:, None] + off_d[None, :] < D)
         & (m_h[:, None] + off_h[None, :] < H)
         & (m_w[:, None] + off_w[None, :] < W)
     )
-    a = tl.load(
-        x_ptr + x_row[:, None] + (ci * spatial + (off_d * H + off_h) * W + off_w)[None, :],
-        mask=a_mask, other=0.0,
+    return tl.load(
+        x_ptr + x_row[:, None] + (ci * (D * H * W) + (off_d * H + off_h) * W + off_w)[None, :],
+        mask=mask, other=0.0,
     )
-    b = tl.load(
-        w_ptr + (ci * (C_out * 27) + tap)[:, None] + offs_co[None, :] * 27,
-        mask=ci_mask[:, None] & co_mask[None, :], other=0.0,
-    )
-    return a, b, ci, ci_mask, tap
+
+
+@triton.jit
+def _image_block(block, blocks_per_image, spatial, H, W, BLOCK_M: tl.constexpr):
+    """Positions of one block: image n (a scalar) and BLOCK_M consecutive positions in it."""
+    n = block // blocks_per_image
+    s = (block - n * blocks_per_image) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return n.to(tl.int64), s, s < spatial, s // (H * W), (s // W) % H, s % W
 
 
 @triton.jit(do_not_specialize=["slope_bits"])
 def parity_forward_kernel(
     x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, idx_ptr,
-    M_total, C_in, C_out, D, H, W, m_stride, slope_bits,
+    N, C_in, C_out, D, H, W, m_stride, slope_bits,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """Fast forward: pooled grid == input grid; one program = BLOCK_M pooled positions x all
-    output channels; 8 class dots (27 taps), epilogue and max-pool in registers."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M_total
+    """Fast forward: pooled grid == input grid. Per block of BLOCK_M pooled positions x all
+    output channels: 8 class dots (27 taps), epilogue and max-pool in registers."""
     spatial = D * H * W
-    n = offs_m // spatial
-    s = offs_m - n * spatial
-    m_d = s // (H * W)
-    m_h = (s // W) % H
-    m_w = s % W
-    n64 = n.to(tl.int64)
-    x_row = n64 * C_in * spatial + s
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
     offs_co = tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_out
     slope = _slope(slope_bits, False)
     bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
+    w0 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 0, 0, BLOCK_CI)
+    w1 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 0, 1, BLOCK_CI)
+    w2 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 1, 0, BLOCK_CI)
+    w3 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 1, 1, BLOCK_CI)
+    w4 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 0, 0, BLOCK_CI)
+    w5 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 0, 1, BLOCK_CI)
+    w6 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 1, 0, BLOCK_CI)
+    w7 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 1, 1, BLOCK_CI)
 
-    # Window index == parity class; scan in index order with PyTorch's rule (see general).
-    best = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32) - float("inf")
-    best_index = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.int32)
-    for c in tl.static_range(8):
-        a, b, _ci, _ci_mask, _tap = _parity_operands(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
-            (c >> 2) & 1, (c >> 1) & 1, c & 1, BLOCK_CI,
-        )
-        z = _dot(a, b, None, PRECISION) + bias[None, :]
-        value = _leaky(mult[None, :] * _leaky(z, slope), slope)
-        update = (best < value) | (value != value)
-        best = tl.where(update, value, best)
-        best_index = tl.where(update, c, best_index)
-
-    out = (n64 * C_out * spatial + s)[:, None] + offs_co[None, :] * spatial
-    mask = m_mask[:, None] & co_mask[None, :]
-    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(idx_ptr + out, best_index.to(tl.uint8), mask=mask)
+    for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
+        n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
+        x_row = n64 * C_in * spatial + s
+        # Window index == parity class: scan in index order with PyTorch's rule (see general).
+        best = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32) - float("inf")
+        best_index = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.int32)
+        for c in tl.static_range(8):
+            if c == 0:
+                wc = w0
+            elif c == 1:
+                wc = w1
+            elif c == 2:
+                wc = w2
+            elif c == 3:
+                wc = w3
+            elif c == 4:
+                wc = w4
+            elif c == 5:
+                wc = w5
+            elif c == 6:
+                wc = w6
+            else:
+                wc = w7
+            a = _parity_x(x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W,
+                          (c >> 2) & 1, (c >> 1) & 1, c & 1, BLOCK_CI)
+            z = _dot(a, wc, None, PRECISION) + bias[None, :]
+            value = _leaky(mult[None, :] * _leaky(z, slope), slope)
+            update = (best < value) | (value != value)
+            best = tl.where(update, value, best)
+            best_index = tl.where(update, c, best_index)
+        out = (n64 * C_out * spatial + s)[:, None] + offs_co[None, :] * spatial
+        mask = m_mask[:, None] & co_mask[None, :]
+        tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(idx_ptr + out, best_index.to(tl.uint8), mask=mask)
 
 
 @triton.jit
 def _parity_class_backward(
-    x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
+    x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, wc,
     bias, mult, slope, g, winner, dw_acc,
     CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
     BLOCK_CI: tl.constexpr, PRECISION: tl.constexpr, COMPUTE_DW: tl.constexpr,
@@ -478,11 +527,8 @@ def _parity_class_backward(
     """One parity class of the backward: recompute z, keep the winners' dz and dm, and add
     this class's weight gradient A^T @ dz_class (only winners of this class are non-zero, and
     there z is this class's value, so no second pass is needed)."""
-    a, b, _ci, _ci_mask, _tap = _parity_operands(
-        x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co, co_mask,
-        CD, CH, CW, BLOCK_CI,
-    )
-    z = _dot(a, b, None, PRECISION) + bias[None, :]
+    a = _parity_x(x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, CD, CH, CW, BLOCK_CI)
+    z = _dot(a, wc, None, PRECISION) + bias[None, :]
     inner = _leaky(z, slope)
     g_outer = tl.where(winner == CD * 4 + CH * 2 + CW,
                        g * _leaky_grad(mult[None, :] * inner, slope), 0.0)
@@ -498,14 +544,7 @@ def _store_parity_dw(
     dw_part_ptr, acc, C_in, C_out, offs_co, co_mask,
     CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
-    k = tl.arange(0, (1 + CD) * (1 + CH) * (1 + CW) * BLOCK_CI)
-    t = k // BLOCK_CI
-    ci = k % BLOCK_CI
-    off_d = t // ((1 + CH) * (1 + CW))
-    off_h = (t // (1 + CW)) % (1 + CH)
-    off_w = t % (1 + CW)
-    tap = ((1 + CD * (1 - 2 * off_d)) * 3 + (1 + CH * (1 - 2 * off_h))) * 3 \
-        + (1 + CW * (1 - 2 * off_w))
+    ci, _od, _oh, _ow, tap = _class_taps(CD, CH, CW, BLOCK_CI)
     out = (ci * (C_out * 27) + tap)[:, None] + offs_co[None, :] * 27
     tl.store(dw_part_ptr + out, acc, mask=(ci < C_in)[:, None] & co_mask[None, :])
 
@@ -513,7 +552,7 @@ def _store_parity_dw(
 @triton.jit(do_not_specialize=["slope_bits"])
 def parity_backward_kernel(
     gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, dw_part_ptr, db_part_ptr, dm_part_ptr,
-    M_total, C_in, C_out, D, H, W, m_stride, slope_bits,
+    N, C_in, C_out, D, H, W, m_stride, slope_bits,
     HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DW: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
@@ -521,13 +560,20 @@ def parity_backward_kernel(
     """Fused backward (fast path), persistent: each program walks blocks of pooled positions
     and produces dz (for dx), and its own partials of dweight, dbias and dmultiplier."""
     pid = tl.program_id(0)
-    n_programs = tl.num_programs(0)
     spatial = D * H * W
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
     offs_co = tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_out
     slope = _slope(slope_bits, False)
     bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
-
+    w0 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 0, 0, BLOCK_CI)
+    w1 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 0, 1, BLOCK_CI)
+    w2 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 1, 0, BLOCK_CI)
+    w3 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 0, 1, 1, BLOCK_CI)
+    w4 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 0, 0, BLOCK_CI)
+    w5 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 0, 1, BLOCK_CI)
+    w6 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 1, 0, BLOCK_CI)
+    w7 = _parity_weight(w_ptr, C_in, C_out, offs_co, co_mask, 1, 1, 1, BLOCK_CI)
     dw0 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
     dw1 = tl.zeros([2 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
     dw2 = tl.zeros([2 * BLOCK_CI, BLOCK_CO], dtype=tl.float32)
@@ -539,71 +585,57 @@ def parity_backward_kernel(
     db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
     dm_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
 
-    for block in range(pid, tl.cdiv(M_total, BLOCK_M), n_programs):
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < M_total
-        n = offs_m // spatial
-        s = offs_m - n * spatial
-        m_d = s // (H * W)
-        m_h = (s // W) % H
-        m_w = s % W
-        n64 = n.to(tl.int64)
+    for block in range(pid, N * blocks_per_image, tl.num_programs(0)):
+        n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
         x_row = n64 * C_in * spatial + s
         out = (n64 * C_out * spatial + s)[:, None] + offs_co[None, :] * spatial
         mask = m_mask[:, None] & co_mask[None, :]
         g = tl.load(gy_ptr + out, mask=mask, other=0.0).to(tl.float32)
         winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
         dz, dm, dw0 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw0, 0, 0, 0, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w0, bias, mult, slope, g,
+            winner, dw0, 0, 0, 0, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz_c, dm_c, dw1 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw1, 0, 0, 1, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w1, bias, mult, slope, g,
+            winner, dw1, 0, 0, 1, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
         dz_c, dm_c, dw2 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw2, 0, 1, 0, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w2, bias, mult, slope, g,
+            winner, dw2, 0, 1, 0, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
         dz_c, dm_c, dw3 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw3, 0, 1, 1, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w3, bias, mult, slope, g,
+            winner, dw3, 0, 1, 1, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
         dz_c, dm_c, dw4 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw4, 1, 0, 0, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w4, bias, mult, slope, g,
+            winner, dw4, 1, 0, 0, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
         dz_c, dm_c, dw5 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw5, 1, 0, 1, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w5, bias, mult, slope, g,
+            winner, dw5, 1, 0, 1, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
         dz_c, dm_c, dw6 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw6, 1, 1, 0, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w6, bias, mult, slope, g,
+            winner, dw6, 1, 1, 0, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
         dz_c, dm_c, dw7 = _parity_class_backward(
-            x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, C_out, D, H, W, offs_co,
-            co_mask, bias, mult, slope, g, winner, dw7, 1, 1, 1, BLOCK_CI, PRECISION,
-            COMPUTE_DW,
+            x_ptr, x_row, m_d, m_h, m_w, m_mask, C_in, D, H, W, w7, bias, mult, slope, g,
+            winner, dw7, 1, 1, 1, BLOCK_CI, PRECISION, COMPUTE_DW,
         )
         dz += dz_c
         dm += dm_c
@@ -624,3 +656,71 @@ def parity_backward_kernel(
         _store_parity_dw(part, dw5, C_in, C_out, offs_co, co_mask, 1, 0, 1, BLOCK_CI)
         _store_parity_dw(part, dw6, C_in, C_out, offs_co, co_mask, 1, 1, 0, BLOCK_CI)
         _store_parity_dw(part, dw7, C_in, C_out, offs_co, co_mask, 1, 1, 1, BLOCK_CI)
+
+
+@triton.jit
+def _parity_class_dx(
+    dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H, W, wt, acc,
+    CD: tl.constexpr, CH: tl.constexpr, CW: tl.constexpr,
+    BLOCK_CO: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dx[q] += G @ B^T for parity class (CD, CH, CW): the forward read x[m + offset t] for
+    pooled m, so input q receives dz[q - offset t] where that window's winner is this class."""
+    co, off_d, off_h, off_w, _tap = _class_taps(CD, CH, CW, BLOCK_CO)
+    valid = (
+        q_mask[:, None] & (co < C_out)[None, :]
+        & (q_d[:, None] >= off_d[None, :]) & (q_h[:, None] >= off_h[None, :])
+        & (q_w[:, None] >= off_w[None, :])
+    )
+    offsets = dz_row[:, None] + (co * spatial - (off_d * H + off_h) * W - off_w)[None, :]
+    grad = tl.load(dz_ptr + offsets, mask=valid, other=0.0)
+    winner = tl.load(idx_ptr + offsets, mask=valid, other=8).to(tl.int32)
+    grad = tl.where(winner == CD * 4 + CH * 2 + CW, grad, 0.0)
+    return _dot(grad, wt, acc, PRECISION)
+
+
+@triton.jit
+def parity_dx_kernel(
+    dz_ptr, idx_ptr, w_ptr, dx_ptr,
+    N, C_in, C_out, D, H, W,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dx for the fast path, persistent with the transposed weight tiles held on chip."""
+    spatial = D * H * W
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
+    offs_ci = tl.arange(0, BLOCK_CI)
+    ci_mask = offs_ci < C_in
+    w0 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 0, 0, 0, BLOCK_CO).to(tl.float32)
+    w1 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 0, 0, 1, BLOCK_CO).to(tl.float32)
+    w2 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 0, 1, 0, BLOCK_CO).to(tl.float32)
+    w3 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 0, 1, 1, BLOCK_CO).to(tl.float32)
+    w4 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 1, 0, 0, BLOCK_CO).to(tl.float32)
+    w5 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 1, 0, 1, BLOCK_CO).to(tl.float32)
+    w6 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 1, 1, 0, BLOCK_CO).to(tl.float32)
+    w7 = _parity_weight_t(w_ptr, C_in, C_out, offs_ci, ci_mask, 1, 1, 1, BLOCK_CO).to(tl.float32)
+
+    for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
+        n64, s, q_mask, q_d, q_h, q_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
+        dz_row = n64 * C_out * spatial + s
+        acc = tl.zeros([BLOCK_M, BLOCK_CI], dtype=tl.float32)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w0, acc, 0, 0, 0, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w1, acc, 0, 0, 1, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w2, acc, 0, 1, 0, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w3, acc, 0, 1, 1, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w4, acc, 1, 0, 0, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w5, acc, 1, 0, 1, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w6, acc, 1, 1, 0, BLOCK_CO, PRECISION)
+        acc = _parity_class_dx(dz_ptr, idx_ptr, dz_row, q_d, q_h, q_w, q_mask, C_out, spatial, H,
+                               W, w7, acc, 1, 1, 1, BLOCK_CO, PRECISION)
+        out = (n64 * C_in * spatial + s)[:, None] + offs_ci[None, :] * spatial
+        tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty),
+                 mask=q_mask[:, None] & ci_mask[None, :])

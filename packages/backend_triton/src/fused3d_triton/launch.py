@@ -40,11 +40,16 @@ def _slope_bits(negative_slope: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(negative_slope)))[0]
 
 
+#: Dot precision for float32 with TF32 off. "ieee" (the contract); "tf32x3" (three TF32
+#: products, about fp32 accuracy on tensor cores) only for experiments, by environment variable.
+FP32_DOT = os.environ.get("FUSED3D_TRITON_FP32_DOT", "ieee")
+
+
 def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
     # TF32 only for float32 on a GPU with the switch on; the interpreter computes plain fp32.
-    if allow_tf32 and x.dtype == torch.float32 and x.is_cuda and not interpreting():
-        return "tf32"
-    return "ieee"
+    if x.dtype != torch.float32 or not x.is_cuda or interpreting():
+        return "ieee"
+    return "tf32" if allow_tf32 else FP32_DOT
 
 
 def _pow2(value: int, low: int, high: int) -> int:
@@ -111,19 +116,29 @@ def _num_sms(x: torch.Tensor) -> int:
     return 2
 
 
+def _persistent_grid(x: torch.Tensor, positions: int, per_sm: int):
+    """Grid of a persistent parity kernel: at most ``per_sm`` programs per SM (the weight
+    tiles are loaded once per program), never more than there are blocks."""
+    programs = _num_sms(x) * per_sm if _on_gpu(x) else 2
+    return lambda meta: (max(1, min(programs, triton.cdiv(positions, meta["BLOCK_M"]))),)
+
+
 # --------------------------------------------------------------------------- autotuned kernels
 
 _PARITY_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
+    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=1)
     for bm in (64, 128)
     for nw in (4, 8)
-    for ns in (1, 2)
 ]
 _PARITY_BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=ns)
+    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=1)
     for bm in (32, 64)
     for nw in (4, 8)
-    for ns in (1, 2)
+]
+_PARITY_DX_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=1)
+    for bm in (64, 128)
+    for nw in (4, 8)
 ]
 _DX_CONFIGS = [
     triton.Config({"BLOCK_I": bi, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
@@ -135,11 +150,14 @@ _DX_CONFIGS = [
 _SHAPE_KEY = ["C_in", "C_out", "D", "H", "W", "PRECISION"]
 
 parity_forward_tuned = triton.autotune(
-    _PARITY_FORWARD_CONFIGS, key=["M_total", *_SHAPE_KEY, "HAS_BIAS"]
+    _PARITY_FORWARD_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS"]
 )(kernels.parity_forward_kernel)
 parity_backward_tuned = triton.autotune(
-    _PARITY_BACKWARD_CONFIGS, key=["M_total", *_SHAPE_KEY, "HAS_BIAS", "STORE_DZ", "COMPUTE_DW"]
+    _PARITY_BACKWARD_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS", "STORE_DZ", "COMPUTE_DW"]
 )(kernels.parity_backward_kernel)
+parity_dx_tuned = triton.autotune(
+    _PARITY_DX_CONFIGS, key=["N", *_SHAPE_KEY]
+)(kernels.parity_dx_kernel)
 dx_tuned = triton.autotune(
     _DX_CONFIGS, key=["I_total", *_SHAPE_KEY, "KD", "KH", "KW", "SD", "SH", "SW"]
 )(kernels.general_dx_kernel)
@@ -197,12 +215,11 @@ def triton_forward(
     slope = _slope_bits(negative_slope)
 
     if _uses_parity_path(x, weight, config):
-        m_total = n * d * h * w
         block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
-        args = (x, weight, bias_arg, multiplier, y, window_index, m_total, c_in, c_out, d, h, w,
+        args = (x, weight, bias_arg, multiplier, y, window_index, n, c_in, c_out, d, h, w,
                 m_stride, slope)
         _launch_tuned(
-            parity_forward_tuned, lambda meta: (triton.cdiv(m_total, meta["BLOCK_M"]),), args,
+            parity_forward_tuned, _persistent_grid(x, n * d * h * w, 2), args,
             {"HAS_BIAS": has_bias, "PRECISION": precision, "BLOCK_CI": block_ci,
              "BLOCK_CO": block_co},
             x, triton.Config({"BLOCK_M": 64 if _on_gpu(x) else 128}, num_warps=4),
@@ -236,7 +253,10 @@ def _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64):
     block_i, block_ci, block_k, warps = _dx_blocks(dx, c_in, taps * c_out)
     args = (dz, window_index, weight, dx, i_total, c_in, c_out, d, h, w, dp, hp, wp,
             *config.kernel_size, *config.stride, *config.padding)
-    grid_fn = lambda meta: (triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci))  # noqa: E731
+
+    def grid_fn(meta):
+        return triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci)
+
     if is_fp64:
         wrap_triton(kernels.general_dx_kernel)[grid_fn({"BLOCK_I": block_i})](
             *args, IS_FP64=True, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
@@ -323,7 +343,6 @@ def triton_backward(
     dz = torch.empty(window_index.shape, dtype=compute, device=x.device)
 
     if _uses_parity_path(x, weight, config):
-        m_total = n * d * h * w
         block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
         programs = _num_sms(x)
         dw_partials = x.new_empty((programs, c_in, c_out, 27), dtype=torch.float32) if (
@@ -331,7 +350,7 @@ def triton_backward(
         db_partials = x.new_empty((programs, c_out), dtype=torch.float32)
         dm_partials = x.new_empty((programs, c_out), dtype=torch.float32)
         args = (grad_y, window_index, x, weight, bias_arg, multiplier, dz, dw_partials,
-                db_partials, dm_partials, m_total, c_in, c_out, d, h, w, m_stride, slope)
+                db_partials, dm_partials, n, c_in, c_out, d, h, w, m_stride, slope)
         flags = {"HAS_BIAS": has_bias, "STORE_DZ": bool(want_x),
                  "COMPUTE_DW": bool(want_weight), "PRECISION": precision}
         _launch_tuned(
@@ -363,7 +382,16 @@ def triton_backward(
 
     if want_x:
         dx = torch.empty_like(x)
-        _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64)
+        if _uses_parity_path(x, weight, config):
+            _launch_tuned(
+                parity_dx_tuned, _persistent_grid(x, n * d * h * w, 2),
+                (dz, window_index, weight, dx, n, c_in, c_out, d, h, w),
+                {"PRECISION": precision, "BLOCK_CI": _pow2(c_in, 16, 32),
+                 "BLOCK_CO": _pow2(c_out, 16, 64)},
+                x, triton.Config({"BLOCK_M": 64 if _on_gpu(x) else 128}, num_warps=4),
+            )
+        else:
+            _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64)
     if want_bias:
         dbias = finish_channel_grad(db_partials.sum(dim=0), bias)
     if want_multiplier:
