@@ -17,6 +17,9 @@ namespace fused3d_cuda {
 namespace parity {
 
 constexpr int kThreads = 256;
+constexpr int kThreadsWinner = 512;  // 16 warps, two per h-line (as the forward)
+constexpr int kThreadsWide = 512;    // dx and dW kernels: 16 warps as well
+constexpr int kWinnerWarps = kThreadsWinner / 32;
 constexpr int kTaps = 27;
 constexpr int kMaxCin = 16;   // dx: one 16-wide n block of input channels; dW: one m-tile
 constexpr int kMaxCout = 32;  // one 32-channel slice
@@ -44,7 +47,7 @@ __device__ __forceinline__ int64_t pooled_offset(const BlockShape& s, TileCoord 
 // ------------------------------------------------------------------ 1. winner kernel
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
+__global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, const T* __restrict__ grad_y,
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
@@ -56,8 +59,10 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
   const int xs_size = cip * kXStride;
   float* bias_s = xs_base + 2 * xs_size;
   float* mult_s = bias_s + kCoTile;
-  float* reduce_s = mult_s + kCoTile;  // [8 warps][64]
-  const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
+  float* reduce_s = mult_s + kCoTile;  // [16 warps][64]
+  constexpr int MT = 1;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int hl = warp >> 1, row0 = (warp & 1) * 16;
   const int g = lane >> 2, t = lane & 3;
   const float slope = (float)s.negative_slope;
 
@@ -73,12 +78,9 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
     bias_s[threadIdx.x] = (valid && bias) ? to_acc(bias[threadIdx.x]) : 0.f;
     mult_s[threadIdx.x] = valid ? to_acc(multiplier[threadIdx.x * s.multiplier_stride]) : 0.f;
   }
-  // Per-thread channel sums for channels nt*8 + 2t + e: [nt][e], dbias then dmultiplier.
-  float sum_dz[4][2], sum_dm[4][2];
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) sum_dz[nt][e] = sum_dm[nt][e] = 0.f;
+  // Channel sums per warp in shared memory, [warp][dbias 32 | dmultiplier 32]; each entry is
+  // owned by one lane (no races, fixed order).
+  for (int e = threadIdx.x; e < kWinnerWarps * 64; e += blockDim.x) reduce_s[e] = 0.f;
 
   const int ksteps = cip / 8;
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
@@ -98,15 +100,15 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
     const float* xs = xs_base + (it & 1) * xs_size;
     const int h = c.h0 + hl;
     // The winner of each of this thread's 32 windows (8 = outside the output: never taken).
-    uint32_t win[2][4];
+    uint32_t win[MT][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         win[mt][nt] = 0u;
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          const int wpos = c.w0 + mt * 16 + g + 8 * (r >> 1);
+          const int wpos = c.w0 + row0 + mt * 16 + g + 8 * (r >> 1);
           const int co = nt * 8 + 2 * t + (r & 1);
           uint32_t v = 8u;
           if (h < s.in_size[1] && wpos < s.in_size[2] && co < s.out_channels)
@@ -114,13 +116,18 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
           win[mt][nt] |= v << (8 * r);
         }
       }
-    float z_win[2][4][4];
+    float z_win[MT][4][4];
+    float sum_dz[4][2], sum_dm[4][2];  // this tile's sums for channels nt*8 + 2t + e
 #pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) sum_dz[nt][e] = sum_dm[nt][e] = 0.f;
+#pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int cls = 0; cls < 8; ++cls) {
-      float acc[2][4][4];
-      accumulate_class_tf32<false>(acc, cls, xs, smem4, hl, lane, ksteps);
+      float acc[MT][4][4];
+      accumulate_class_tf32<false, MT>(acc, cls, xs, smem4, hl, row0, lane, ksteps);
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -131,14 +138,14 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
           }
     }
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const uint32_t cls = (win[mt][nt] >> (8 * r)) & 0xffu;
           if (cls > 7u) continue;
-          const int wpos = c.w0 + mt * 16 + g + 8 * (r >> 1);
+          const int wpos = c.w0 + row0 + mt * 16 + g + 8 * (r >> 1);
           const int col = nt * 8 + 2 * t + (r & 1);
           const int64_t off = pooled_offset(s, c, col, h, wpos);
           const float m = mult_s[col];
@@ -151,27 +158,27 @@ __global__ void __launch_bounds__(kThreads, 1) parity_winner_grad_kernel(
           sum_dm[nt][r & 1] += outer * u;
           packed_dz[off] = __uint_as_float(round_tf32_bits(dz) | cls);
         }
+    // Fixed-order reduction over the 8 row groups of the warp (lanes with equal t).
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+#pragma unroll
+        for (int step = 4; step < 32; step <<= 1) {
+          sum_dz[nt][e] += __shfl_xor_sync(0xffffffffu, sum_dz[nt][e], step);
+          sum_dm[nt][e] += __shfl_xor_sync(0xffffffffu, sum_dm[nt][e], step);
+        }
+        if (g == 0) {
+          reduce_s[warp * 64 + nt * 8 + 2 * t + e] += sum_dz[nt][e];
+          reduce_s[warp * 64 + 32 + nt * 8 + 2 * t + e] += sum_dm[nt][e];
+        }
+      }
     __syncthreads();
   }
-  // Fixed-order reduction: over the 8 row groups of a warp (lanes with equal t), then warps.
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-#pragma unroll
-      for (int step = 4; step < 32; step <<= 1) {
-        sum_dz[nt][e] += __shfl_xor_sync(0xffffffffu, sum_dz[nt][e], step);
-        sum_dm[nt][e] += __shfl_xor_sync(0xffffffffu, sum_dm[nt][e], step);
-      }
-      if (g == 0) {
-        reduce_s[hl * 64 + nt * 8 + 2 * t + e] = sum_dz[nt][e];
-        reduce_s[hl * 64 + 32 + nt * 8 + 2 * t + e] = sum_dm[nt][e];
-      }
-    }
   __syncthreads();
   if (threadIdx.x < 64) {
     float total = 0.f;
-    for (int warp = 0; warp < kThreads / 32; ++warp) total += reduce_s[warp * 64 + threadIdx.x];
+    for (int wi = 0; wi < kWinnerWarps; ++wi) total += reduce_s[wi * 64 + threadIdx.x];
     channel_partials[blockIdx.x * 64 + threadIdx.x] = total;
   }
 }
@@ -205,7 +212,7 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) parity_grad_x_kernel(
+__global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
     const float* __restrict__ packed_dz, const T* __restrict__ w, T* __restrict__ grad_x,
     BlockShape s, BackwardGeometry geo) {
   extern __shared__ float4 smem4[];
@@ -214,7 +221,8 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_x_kernel(
   float* ws = reinterpret_cast<float*>(smem4);  // [k][kk][lane] float4, 27*cop*16 floats
   float* dz_base = ws + kTaps * cop * 16;
   const int dz_size = cop * kXStride;
-  const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int hl = warp >> 1, row0 = (warp & 1) * 16;  // two warps per h-line, 16 rows each
   const int g = lane >> 2, t = lane & 3;
 
   int tile = blockIdx.x;
@@ -251,21 +259,22 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_x_kernel(
     }
     __syncthreads();
     const float* dzs = dz_base + (it & 1) * dz_size;
-    float acc[2][2][4];
+    constexpr int MT = 1;
+    float acc[MT][2][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
 #pragma unroll
     for (int o = 0; o < 8; ++o) {
-      const int p0 = back_halo_pos(o, hl, g);
+      const int p0 = back_halo_pos(o, hl, row0 + g);
       for (int kk = 0; kk < ksteps; ++kk) {
         const float* da = dzs + (kk * 8 + t) * kXStride + p0;
-        uint32_t raw[2][4];
+        uint32_t raw[MT][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
           raw[mt][0] = __float_as_uint(da[mt * 16]);
           raw[mt][1] = __float_as_uint(da[mt * 16 + 8]);
           raw[mt][2] = __float_as_uint(da[4 * kXStride + mt * 16]);
@@ -278,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_x_kernel(
                         tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
           const float4 b = reinterpret_cast<const float4*>(ws)[(k * ksteps + kk) * 32 + lane];
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < MT; ++mt) {
             uint32_t a[4];
 #pragma unroll
             for (int q = 0; q < 4; ++q) a[q] = masked_class(raw[mt][q], cls);
@@ -291,12 +300,12 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_x_kernel(
     const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
     const int h = c.h0 + hl;
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          const int wpos = c.w0 + mt * 16 + g + 8 * (r >> 1);
+          const int wpos = c.w0 + row0 + mt * 16 + g + 8 * (r >> 1);
           const int ci = nt * 8 + 2 * t + (r & 1);
           if (h < H && wpos < W && ci < s.in_channels)
             grad_x[(((int64_t)c.n * s.in_channels + ci) * D + c.d) * H * (int64_t)W +
@@ -323,7 +332,7 @@ __device__ __forceinline__ void pair_of(int index, int& cls, int& o) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
+__global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     const T* __restrict__ x, const float* __restrict__ packed_dz,
     float* __restrict__ weight_partials, BlockShape s, BackwardGeometry geo) {
   extern __shared__ float4 smem4[];
@@ -332,7 +341,9 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
   const int xs_size = kMaxCin * kXStrideT;
   float* dz_base = xs_base + 2 * xs_size;  // 2 x [cop][kDzStrideT]
   const int dz_size = kMaxCout * kDzStrideT;  // rows >= cop stay zero
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  // 16 warps: warp & 7 picks the pair set, warp >> 3 the half of the K steps it sums.
+  const int warp = (threadIdx.x >> 5) & 7, half = threadIdx.x >> 8;
   const int g = lane >> 2, t = lane & 3;
 
   // Rows ci >= cip of the x tile are never loaded: zero them once in both buffers.
@@ -419,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
     const float* xs = xs_base + (it & 1) * xs_size;
     const float* dzs = dz_base + (it & 1) * dz_size;
     // K = the tile's 256 pooled positions, 8 per step (one h-line holds 4 steps).
-    for (int step = 0; step < kTilePositions / 8; ++step) {
+    for (int step = half; step < kTilePositions / 8; step += 2) {
       const int hl = step >> 2, w8 = (step & 3) * 8;
       // dz B fragments (unmasked) for the 4 channel n-tiles: b0 = (pos t, co g), b1 = (t+4, g)
       uint32_t braw[4][2];
@@ -446,8 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1) parity_grad_weight_kernel(
     }
     __syncthreads();
   }
-  // Partial dW of this block: [block][k][ci 16][co 32].
-  float* out = weight_partials + (int64_t)blockIdx.x * kTaps * kMaxCin * kMaxCout;
+  // Partial dW of this block and half: [block][half][k][ci 16][co 32].
+  float* out = weight_partials + ((int64_t)blockIdx.x * 2 + half) * kTaps * kMaxCin * kMaxCout;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (j >= my_pairs) break;
@@ -507,7 +518,7 @@ inline BackwardGeometry geometry_of(const BlockShape& s) {
 inline size_t winner_smem(const BackwardGeometry& g) {
   return sizeof(float) *
          ((size_t)kTaps * g.ci_padded * kCoTile + 2 * (size_t)g.ci_padded * kXStride + 2 * kCoTile +
-          8 * 64);
+          kWinnerWarps * 64);
 }
 inline size_t grad_x_smem(const BackwardGeometry& g) {
   return sizeof(float) * ((size_t)kTaps * g.co_padded * 16 + 2 * (size_t)g.co_padded * kXStride);
@@ -528,7 +539,7 @@ inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
   if (l.blocks < 1) l.blocks = 1;
   l.packed_dz_floats = s.pooled_numel();
   l.channel_floats = (int64_t)l.blocks * 64;
-  l.weight_floats = (int64_t)l.blocks * kTaps * kMaxCin * kMaxCout;
+  l.weight_floats = (int64_t)l.blocks * 2 * kTaps * kMaxCin * kMaxCout;  // two halves
   return l;
 }
 
@@ -557,7 +568,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
     if ((e = cudaFuncSetAttribute(winner, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   (int)smem)) != cudaSuccess)
       return e;
-    winner<<<l.blocks, kThreads, smem, stream>>>(
+    winner<<<l.blocks, kThreadsWinner, smem, stream>>>(
         x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
         static_cast<const T*>(a.grad_y), a.window_index, packed_dz, channel_partials, s, geo);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
@@ -567,7 +578,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
       if ((e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem_x)) != cudaSuccess)
         return e;
-      kernel<<<l.blocks, kThreads, smem_x, stream>>>(packed_dz, w, static_cast<T*>(a.grad_x), s,
+      kernel<<<l.blocks, kThreadsWide, smem_x, stream>>>(packed_dz, w, static_cast<T*>(a.grad_x), s,
                                                      geo);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
@@ -577,7 +588,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
       if ((e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)smem_w)) != cudaSuccess)
         return e;
-      kernel<<<l.blocks, kThreads, smem_w, stream>>>(x, packed_dz, weight_partials, s, geo);
+      kernel<<<l.blocks, kThreadsWide, smem_w, stream>>>(x, packed_dz, weight_partials, s, geo);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
     }
   } else {
@@ -589,7 +600,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   const int weight_numel = s.in_channels * s.out_channels * kTaps;
   const int total = weight_numel + 2 * s.out_channels;
   const int channel_blocks = geo.tiles > 0 ? l.blocks : 0;
-  const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? l.blocks : 0;
+  const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? 2 * l.blocks : 0;  // halves
   if (total > 0 && (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels)) {
     parity_reduce_kernel<T><<<(total + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         weight_partials, weight_blocks, channel_partials, channel_blocks,

@@ -145,17 +145,18 @@ __device__ __forceinline__ void round_own_x_tile_tf32(float* xs, int ci_padded, 
   }
 }
 
-// Conv values of parity class `cls` for a warp's 32 pooled positions (h-line hl of the tile)
-// x 32 channels, as mma C fragments: acc[mt][nt][r] is row mt*16 + g + 8*(r>>1), channel
-// nt*8 + 2t + (r&1). x tile: [ci][halo] floats; weights: B fragments (see stage_weights_tf32).
-template <bool kRound>
-__device__ __forceinline__ void accumulate_class_tf32(float (&acc)[2][4][4], int cls,
+// Conv values of parity class `cls` for a warp's 16*MT pooled positions (w = row0 ...,
+// h-line hl of the tile) x 32 channels, as mma C fragments: acc[mt][nt][r] is row
+// row0 + mt*16 + g + 8*(r>>1), channel nt*8 + 2t + (r&1). x tile: [ci][halo] floats;
+// weights: B fragments (see stage_weights_tf32).
+template <bool kRound, int MT>
+__device__ __forceinline__ void accumulate_class_tf32(float (&acc)[MT][4][4], int cls,
                                                       const float* __restrict__ xs,
                                                       const float4* __restrict__ ws4, int hl,
-                                                      int lane, int ksteps) {
+                                                      int row0, int lane, int ksteps) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -165,12 +166,12 @@ __device__ __forceinline__ void accumulate_class_tf32(float (&acc)[2][4][4], int
     if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
     const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
                   tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
-    const int p0 = halo_pos(o, hl, g);
+    const int p0 = halo_pos(o, hl, row0 + g);
     for (int kk = 0; kk < ksteps; ++kk) {
       const float* xa = xs + (kk * 8 + t) * kXStride + p0;
-      uint32_t a[2][4];
+      uint32_t a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+      for (int mt = 0; mt < MT; ++mt) {
         const float v0 = xa[mt * 16], v1 = xa[mt * 16 + 8];
         const float v2 = xa[4 * kXStride + mt * 16], v3 = xa[4 * kXStride + mt * 16 + 8];
         a[mt][0] = kRound ? round_tf32_bits(v0) : __float_as_uint(v0);
@@ -181,7 +182,7 @@ __device__ __forceinline__ void accumulate_class_tf32(float (&acc)[2][4][4], int
       const float4* wb = ws4 + ((k * ksteps + kk) * 2) * 32 + lane;
       const float4 b01 = wb[0], b23 = wb[32];
 #pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
+      for (int mt = 0; mt < MT; ++mt) {
         mma_tf32(acc[mt][0], a[mt], b01.x, b01.y);
         mma_tf32(acc[mt][1], a[mt], b01.z, b01.w);
         mma_tf32(acc[mt][2], a[mt], b23.x, b23.y);

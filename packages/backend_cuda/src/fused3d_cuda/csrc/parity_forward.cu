@@ -17,7 +17,12 @@
 namespace fused3d_cuda {
 namespace parity {
 
-constexpr int kThreads = 256;  // 8 warps; warp w owns h-line w of the tile
+// Tensor-core kernel: 16 warps, warp w owns w positions (w & 1) * 16 ... + 15 of h-line w / 2
+// (16 warps hide the mma and shared-memory latencies better than 8 with twice the rows).
+constexpr int kThreadsTc = 512;
+constexpr int kWarpTilesTc = 1;  // 16-row mma tiles per warp
+// FFMA kernel: 8 warps; warp w owns h-line w of the tile.
+constexpr int kThreadsFfma = 256;
 constexpr int kTaps = 27;
 
 // Epilogue of one conv output z (bias not yet added), then PyTorch's pool update into
@@ -62,16 +67,18 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
                                                   int ksteps) {
   // fp16/bf16 values are exact in TF32; fp32 x tiles were rounded to nearest in place.
   constexpr bool kRound = false;
-  const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
+  constexpr int MT = kWarpTilesTc;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int hl = warp >> 1, row0 = (warp & 1) * 16;
   const int g = lane >> 2, t = lane & 3;
-  float best[2][4][4];
-  uint32_t win[2][4];
-#pragma unroll
+  float best[MT][4][4];
+  uint32_t win[MT][4];
+#pragma unroll 1  // class loop kept rolled: unrolled, the kernel overflows the instruction cache
   for (int cls = 0; cls < 8; ++cls) {
-    float acc[2][4][4];
-    accumulate_class_tf32<kRound>(acc, cls, xs, ws4, hl, lane, ksteps);
+    float acc[MT][4][4];
+    accumulate_class_tf32<kRound, MT>(acc, cls, xs, ws4, hl, row0, lane, ksteps);
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         if (cls == 0) win[mt][nt] = 0u;
@@ -85,12 +92,12 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
   }
   const int co0 = blockIdx.y * kCoTile;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
-        const int row = mt * 16 + g + 8 * (r >> 1);
+        const int row = row0 + mt * 16 + g + 8 * (r >> 1);
         const int col = nt * 8 + 2 * t + (r & 1);
         store_pooled(y, window_index, s, c, c.h0 + hl, c.w0 + row, co0 + col,
                      best[mt][nt][r], (win[mt][nt] >> (8 * r)) & 0xffu);
@@ -110,7 +117,7 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
   const int cg = lane & 3, wg = lane >> 2;
   float best[4][8];
   uint32_t win[8];  // byte j = window index of w position j, channel cc
-#pragma unroll
+#pragma unroll 1
   for (int cls = 0; cls < 8; ++cls) {
     float acc[4][8];
 #pragma unroll
@@ -165,7 +172,7 @@ struct ForwardGeometry {
 };
 
 template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads, 1) parity_forward_kernel(
+__global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma, 1) parity_forward_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, T* __restrict__ y, uint8_t* __restrict__ window_index,
     BlockShape s, ForwardGeometry geo) {
@@ -265,7 +272,7 @@ cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t
   int blocks = (sms + co_chunks - 1) / co_chunks;
   if (blocks < 1) blocks = 1;
   if (blocks > geo.tiles) blocks = geo.tiles;
-  kernel<<<dim3(blocks, co_chunks), kThreads, smem, stream>>>(
+  kernel<<<dim3(blocks, co_chunks), kTensorCores ? kThreadsTc : kThreadsFfma, smem, stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
       static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier), static_cast<T*>(a.y),
       a.window_index, s, geo);
