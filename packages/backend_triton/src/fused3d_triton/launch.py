@@ -20,7 +20,7 @@ from fused3d.ops import (
     skipped_grad,
 )
 
-from . import _interpreter_compat, kernels
+from . import _interpreter_compat, kernels, parity_kernels
 
 #: Fast path limits: the whole channel range of one program fits in registers.
 FAST_MAX_IN_CHANNELS = 32
@@ -151,13 +151,13 @@ _SHAPE_KEY = ["C_in", "C_out", "D", "H", "W", "PRECISION"]
 
 parity_forward_tuned = triton.autotune(
     _PARITY_FORWARD_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS"]
-)(kernels.parity_forward_kernel)
+)(parity_kernels.parity_forward_kernel)
 parity_backward_tuned = triton.autotune(
     _PARITY_BACKWARD_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS", "STORE_DZ", "COMPUTE_DW"]
-)(kernels.parity_backward_kernel)
+)(parity_kernels.parity_backward_kernel)
 parity_dx_tuned = triton.autotune(
     _PARITY_DX_CONFIGS, key=["N", *_SHAPE_KEY]
-)(kernels.parity_dx_kernel)
+)(parity_kernels.parity_dx_kernel)
 dx_tuned = triton.autotune(
     _DX_CONFIGS, key=["I_total", *_SHAPE_KEY, "KD", "KH", "KW", "SD", "SH", "SW"]
 )(kernels.general_dx_kernel)
@@ -165,6 +165,10 @@ dx_tuned = triton.autotune(
 
 def _capturing() -> bool:
     return (not torch.compiler.is_compiling()) and torch.cuda.is_current_stream_capturing()
+
+
+#: Problems with fewer positions than this are launch-bound: a fixed config, no autotuning.
+AUTOTUNE_MIN_POSITIONS = 1 << 16
 
 
 def _launch_tuned(tuned, grid_fn, args: tuple, kwargs: dict, x: torch.Tensor,
@@ -175,14 +179,17 @@ def _launch_tuned(tuned, grid_fn, args: tuple, kwargs: dict, x: torch.Tensor,
     pointless there) and inside CUDA-graph capture. While capturing, the config tuned by the
     warm-up call (best_config) is reused, so nothing new is compiled inside the capture.
     """
-    if _on_gpu(x) and not _capturing():
+    kernel = tuned.fn
+    if _on_gpu(x) and x.numel() // max(1, x.shape[1]) < AUTOTUNE_MIN_POSITIONS:
+        tuned = None
+    if tuned is not None and _on_gpu(x) and not _capturing():
         wrap_triton(tuned)[grid_fn](*args, **kwargs)
         return
     config = fallback
-    if _on_gpu(x) and tuned.best_config is not None:
+    if tuned is not None and _on_gpu(x) and tuned.best_config is not None:
         config = tuned.best_config
     meta = {**kwargs, **config.kwargs}
-    wrap_triton(tuned.fn)[grid_fn(meta)](
+    wrap_triton(kernel)[grid_fn(meta)](
         *args, **meta, num_warps=config.num_warps, num_stages=config.num_stages
     )
 
