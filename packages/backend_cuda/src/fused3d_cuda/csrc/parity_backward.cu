@@ -457,8 +457,21 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     }
     __syncthreads();
   }
-  // Partial dW of this block and half: [block][half][k][ci 16][co 32].
-  float* out = weight_partials + ((int64_t)blockIdx.x * 2 + half) * kTaps * kMaxCin * kMaxCout;
+  // Combine the two halves in a fixed order through shared memory (the x tiles are free now:
+  // the loop ended with a barrier), then write this block's partial dW: [block][k][ci][co].
+  float* combine = xs_base;  // [warp 8][pair 4][nt 4][r 4][lane 32] = 64 KB
+  if (half == 1) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          combine[(((warp * 4 + j) * 4 + nt) * 4 + r) * 32 + lane] = acc[j][nt][r];
+  }
+  __syncthreads();
+  if (half == 1) return;
+  float* out = weight_partials + (int64_t)blockIdx.x * kTaps * kMaxCin * kMaxCout;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     if (j >= my_pairs) break;
@@ -467,7 +480,8 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int ci = g + 8 * (r >> 1), co = nt * 8 + 2 * t + (r & 1);
-        out[(my_k[j] * kMaxCin + ci) * kMaxCout + co] = acc[j][nt][r];
+        out[(my_k[j] * kMaxCin + ci) * kMaxCout + co] =
+            acc[j][nt][r] + combine[(((warp * 4 + j) * 4 + nt) * 4 + r) * 32 + lane];
       }
   }
 }
@@ -539,16 +553,13 @@ inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
   if (l.blocks < 1) l.blocks = 1;
   l.packed_dz_floats = s.pooled_numel();
   l.channel_floats = (int64_t)l.blocks * 64;
-  l.weight_floats = (int64_t)l.blocks * 2 * kTaps * kMaxCin * kMaxCout;  // two halves
+  l.weight_floats = (int64_t)l.blocks * kTaps * kMaxCin * kMaxCout;
   return l;
 }
 
 inline int sm_count() {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 132;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 132;
-  return sms;
+  int sms = 0;
+  return current_sm_count(&sms) == cudaSuccess ? sms : 132;
 }
 
 template <typename T>
@@ -565,8 +576,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   if (geo.tiles > 0) {
     auto winner = parity_winner_grad_kernel<T>;
     const size_t smem = winner_smem(geo);
-    if ((e = cudaFuncSetAttribute(winner, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  (int)smem)) != cudaSuccess)
+    if ((e = raise_smem_limit(reinterpret_cast<const void*>(winner), smem)) != cudaSuccess)
       return e;
     winner<<<l.blocks, kThreadsWinner, smem, stream>>>(
         x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
@@ -575,8 +585,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
     if (a.grad_x) {
       auto kernel = parity_grad_x_kernel<T>;
       const size_t smem_x = grad_x_smem(geo);
-      if ((e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem_x)) != cudaSuccess)
+      if ((e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem_x)) != cudaSuccess)
         return e;
       kernel<<<l.blocks, kThreadsWide, smem_x, stream>>>(packed_dz, w, static_cast<T*>(a.grad_x), s,
                                                      geo);
@@ -585,8 +594,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
     if (a.grad_weight) {
       auto kernel = parity_grad_weight_kernel<T>;
       const size_t smem_w = grad_weight_smem(geo);
-      if ((e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem_w)) != cudaSuccess)
+      if ((e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem_w)) != cudaSuccess)
         return e;
       kernel<<<l.blocks, kThreadsWide, smem_w, stream>>>(x, packed_dz, weight_partials, s, geo);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
@@ -600,7 +608,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   const int weight_numel = s.in_channels * s.out_channels * kTaps;
   const int total = weight_numel + 2 * s.out_channels;
   const int channel_blocks = geo.tiles > 0 ? l.blocks : 0;
-  const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? 2 * l.blocks : 0;  // halves
+  const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? l.blocks : 0;
   if (total > 0 && (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels)) {
     parity_reduce_kernel<T><<<(total + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
         weight_partials, weight_blocks, channel_partials, channel_blocks,

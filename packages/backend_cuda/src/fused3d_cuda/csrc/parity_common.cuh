@@ -8,12 +8,48 @@
 // all, each kernel position used by exactly one class.
 #pragma once
 
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "fused3d_common.cuh"
 
 namespace fused3d_cuda {
 namespace parity {
+
+// Host helpers: both are asked on every launch, so they are answered once per device.
+inline cudaError_t current_sm_count(int* sms) {
+  static std::mutex mutex;
+  static std::map<int, int> cache;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache.find(device);
+  if (found != cache.end()) {
+    *sms = found->second;
+    return cudaSuccess;
+  }
+  e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
+  if (e == cudaSuccess) cache[device] = *sms;
+  return e;
+}
+
+// Raise a kernel's dynamic shared-memory limit (needed above 48 KB) once per kernel and device.
+inline cudaError_t raise_smem_limit(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> raised;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mutex);
+  size_t& current = raised[{kernel, device}];
+  if (current >= bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+  if (e == cudaSuccess) current = bytes;
+  return e;
+}
 
 // Block tile of pooled positions: one image n, one depth d, kTileH rows of h, kTileW of w.
 constexpr int kTileH = 8;

@@ -260,13 +260,10 @@ cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t
   if (tiles == 0 || s.out_channels == 0) return cudaSuccess;
   const size_t smem = forward_smem_bytes(s);
   auto kernel = parity_forward_kernel<T, kTensorCores>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)smem);
+  cudaError_t e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem);
   if (e != cudaSuccess) return e;
-  int device = 0, sms = 0;
-  if ((e = cudaGetDevice(&device)) != cudaSuccess) return e;
-  if ((e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess)
-    return e;
+  int sms = 0;
+  if ((e = current_sm_count(&sms)) != cudaSuccess) return e;
   const int co_chunks = (s.out_channels + kCoTile - 1) / kCoTile;
   // One resident block per SM (the smem budget allows one): spread them over the chunks.
   int blocks = (sms + co_chunks - 1) / co_chunks;
