@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (template lines of generated code)
 """Write src/fused3d_triton/parity_kernels.py: the fast-path (kernel 3, stride 2, padding 1,
 output_padding 1) kernels, unrolled over the 27 taps.
 
