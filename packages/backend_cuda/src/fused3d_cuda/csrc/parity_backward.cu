@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, const T* __restrict__ grad_y,
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
-    float* __restrict__ channel_partials, BlockShape s, BackwardGeometry geo) {
+    float* __restrict__ channel_partials, BlockShape s, BackwardGeometry geo, int accumulate) {
   extern __shared__ float4 smem4[];
   const int cip = geo.ci_padded;
   float* ws = reinterpret_cast<float*>(smem4);
@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
   if (threadIdx.x < 64) {
     float total = 0.f;
     for (int wi = 0; wi < kWinnerWarps; ++wi) total += reduce_s[wi * 64 + threadIdx.x];
-    channel_partials[blockIdx.x * 64 + threadIdx.x] = total;
+    float* slot = channel_partials + blockIdx.x * 64 + threadIdx.x;
+    *slot = accumulate ? *slot + total : total;  // batch chunks add in a fixed order
   }
 }
 
@@ -334,7 +335,7 @@ __device__ __forceinline__ void pair_of(int index, int& cls, int& o) {
 template <typename T>
 __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     const T* __restrict__ x, const float* __restrict__ packed_dz,
-    float* __restrict__ weight_partials, BlockShape s, BackwardGeometry geo) {
+    float* __restrict__ weight_partials, BlockShape s, BackwardGeometry geo, int accumulate) {
   extern __shared__ float4 smem4[];
   const int cip = geo.ci_padded, cop = geo.co_padded;
   float* xs_base = reinterpret_cast<float*>(smem4);  // 2 x [16][kXStrideT]
@@ -480,8 +481,9 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int ci = g + 8 * (r >> 1), co = nt * 8 + 2 * t + (r & 1);
-        out[(my_k[j] * kMaxCin + ci) * kMaxCout + co] =
-            acc[j][nt][r] + combine[(((warp * 4 + j) * 4 + nt) * 4 + r) * 32 + lane];
+        const float v = acc[j][nt][r] + combine[(((warp * 4 + j) * 4 + nt) * 4 + r) * 32 + lane];
+        float& slot = out[(my_k[j] * kMaxCin + ci) * kMaxCout + co];
+        slot = accumulate ? slot + v : v;  // batch chunks add in a fixed order
       }
   }
 }
@@ -541,17 +543,29 @@ inline size_t grad_weight_smem(const BackwardGeometry& g) {
   return sizeof(float) * (2 * (size_t)kMaxCin * kXStrideT + 2 * (size_t)kMaxCout * kDzStrideT);
 }
 
+// The backward walks the batch in chunks so that its dz scratch stays near 8 MiB (the extra
+// memory of a training step is then dominated by the outputs, not by scratch).
+constexpr int64_t kDzChunkFloats = 2 * 1024 * 1024;
+
 struct WorkspaceLayout {
-  int blocks;
+  int chunk_batch;  // images per chunk
+  int blocks;       // blocks per launch = partial slots
   int64_t packed_dz_floats, channel_floats, weight_floats;
 };
 
 inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
-  const BackwardGeometry geo = geometry_of(s);
   WorkspaceLayout l;
+  const int64_t per_image = s.pooled_numel() / (s.batch > 0 ? s.batch : 1);
+  int64_t chunk = per_image > 0 ? kDzChunkFloats / per_image : s.batch;
+  if (chunk > s.batch) chunk = s.batch;
+  if (chunk < 1) chunk = 1;
+  l.chunk_batch = (int)chunk;
+  BlockShape first = s;
+  first.batch = l.chunk_batch;
+  const BackwardGeometry geo = geometry_of(first);
   l.blocks = sms < geo.tiles ? sms : geo.tiles;
   if (l.blocks < 1) l.blocks = 1;
-  l.packed_dz_floats = s.pooled_numel();
+  l.packed_dz_floats = per_image * l.chunk_batch;
   l.channel_floats = (int64_t)l.blocks * 64;
   l.weight_floats = (int64_t)l.blocks * kTaps * kMaxCin * kMaxCout;
   return l;
@@ -570,34 +584,44 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   float* packed_dz = static_cast<float*>(a.workspace);
   float* channel_partials = packed_dz + l.packed_dz_floats;
   float* weight_partials = channel_partials + l.channel_floats;
-  const T* x = static_cast<const T*>(a.x);
   const T* w = static_cast<const T*>(a.weight);
+  const int64_t x_image = (int64_t)s.in_channels * s.in_size[0] * s.in_size[1] * s.in_size[2];
+  const int64_t y_image = (int64_t)s.out_channels * s.in_size[0] * s.in_size[1] * s.in_size[2];
   cudaError_t e;
   if (geo.tiles > 0) {
     auto winner = parity_winner_grad_kernel<T>;
-    const size_t smem = winner_smem(geo);
-    if ((e = raise_smem_limit(reinterpret_cast<const void*>(winner), smem)) != cudaSuccess)
+    auto grad_x_kernel = parity_grad_x_kernel<T>;
+    auto grad_w_kernel = parity_grad_weight_kernel<T>;
+    const size_t smem = winner_smem(geo), smem_x = grad_x_smem(geo),
+                 smem_w = grad_weight_smem(geo);
+    if ((e = raise_smem_limit(reinterpret_cast<const void*>(winner), smem)) != cudaSuccess ||
+        (e = raise_smem_limit(reinterpret_cast<const void*>(grad_x_kernel), smem_x)) !=
+            cudaSuccess ||
+        (e = raise_smem_limit(reinterpret_cast<const void*>(grad_w_kernel), smem_w)) !=
+            cudaSuccess)
       return e;
-    winner<<<l.blocks, kThreadsWinner, smem, stream>>>(
-        x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
-        static_cast<const T*>(a.grad_y), a.window_index, packed_dz, channel_partials, s, geo);
-    if ((e = cudaGetLastError()) != cudaSuccess) return e;
-    if (a.grad_x) {
-      auto kernel = parity_grad_x_kernel<T>;
-      const size_t smem_x = grad_x_smem(geo);
-      if ((e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem_x)) != cudaSuccess)
-        return e;
-      kernel<<<l.blocks, kThreadsWide, smem_x, stream>>>(packed_dz, w, static_cast<T*>(a.grad_x), s,
-                                                     geo);
+    for (int64_t n0 = 0; n0 < s.batch; n0 += l.chunk_batch) {
+      BlockShape sc = s;
+      sc.batch = s.batch - n0 < l.chunk_batch ? s.batch - n0 : l.chunk_batch;
+      const BackwardGeometry gc = geometry_of(sc);
+      const int blocks = l.blocks < gc.tiles ? l.blocks : gc.tiles;
+      const int accumulate = n0 > 0;
+      const T* x = static_cast<const T*>(a.x) + n0 * x_image;
+      winner<<<blocks, kThreadsWinner, smem, stream>>>(
+          x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
+          static_cast<const T*>(a.grad_y) + n0 * y_image, a.window_index + n0 * y_image,
+          packed_dz, channel_partials, sc, gc, accumulate);
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
-    }
-    if (a.grad_weight) {
-      auto kernel = parity_grad_weight_kernel<T>;
-      const size_t smem_w = grad_weight_smem(geo);
-      if ((e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem_w)) != cudaSuccess)
-        return e;
-      kernel<<<l.blocks, kThreadsWide, smem_w, stream>>>(x, packed_dz, weight_partials, s, geo);
-      if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      if (a.grad_x) {
+        grad_x_kernel<<<blocks, kThreadsWide, smem_x, stream>>>(
+            packed_dz, w, static_cast<T*>(a.grad_x) + n0 * x_image, sc, gc);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      }
+      if (a.grad_weight) {
+        grad_w_kernel<<<blocks, kThreadsWide, smem_w, stream>>>(x, packed_dz, weight_partials,
+                                                                 sc, gc, accumulate);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      }
     }
   } else {
     // No pooled output: every gradient is zero.
@@ -650,12 +674,12 @@ cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool /*allo
 #define FUSED3D_INSTANTIATE_PARITY_BACKWARD(T)                                                \
   template __global__ void parity::parity_winner_grad_kernel<T>(                              \
       const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*, float*,       \
-      BlockShape, parity::BackwardGeometry);                                                  \
+      BlockShape, parity::BackwardGeometry, int);                                             \
   template __global__ void parity::parity_grad_x_kernel<T>(const float*, const T*, T*,        \
                                                            BlockShape,                        \
                                                            parity::BackwardGeometry);         \
   template __global__ void parity::parity_grad_weight_kernel<T>(                              \
-      const T*, const float*, float*, BlockShape, parity::BackwardGeometry);                  \
+      const T*, const float*, float*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_reduce_kernel<T>(const float*, int, const float*,   \
                                                            int, T*, float*, float*,           \
                                                            BlockShape);
