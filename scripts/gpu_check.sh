@@ -19,7 +19,7 @@ python3 -m fused3d info | tee "$out/info.txt"
 summary=()
 for b in "${backends[@]}"; do
   log="$out/suite-$b.log"
-  FUSED3D_BACKEND=$b timeout 900 python3 -m pytest tests -q -p no:cacheprovider \
+  FUSED3D_BACKEND=$b timeout "${SUITE_TIMEOUT:-900}" python3 -m pytest tests -q -p no:cacheprovider \
       --junitxml="$out/suite-$b.xml" >"$log" 2>&1
   code=$?
   summary+=("$(printf '%-10s exit %-3s %s' "$b" "$code" "$(tail -n 1 "$log")")")
