@@ -6,6 +6,7 @@ autotuned on the GPU, keyed on the problem shape and precision; under the interp
 (``TRITON_INTERPRET=1``, CPU tensors) and during CUDA-graph capture one fixed config runs.
 """
 
+import functools
 import os
 import struct
 
@@ -110,9 +111,14 @@ def _dw_blocks(x: torch.Tensor, c_in: int, k_total: int) -> tuple[int, int, int,
     return 32, _pow2(c_in, 16, 32), 64, 4
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _num_sms(x: torch.Tensor) -> int:
     if x.is_cuda and not interpreting():
-        return torch.cuda.get_device_properties(x.device).multi_processor_count
+        return _sm_count(x.device.index if x.device.index is not None else 0)
     return 2
 
 
