@@ -6,6 +6,7 @@ autotuned on the GPU, keyed on the problem shape and precision; under the interp
 (``TRITON_INTERPRET=1``, CPU tensors) and during CUDA-graph capture one fixed config runs.
 """
 
+import contextlib
 import functools
 import os
 import struct
@@ -68,6 +69,13 @@ def _uses_parity_path(x: torch.Tensor, weight: torch.Tensor, config) -> bool:
         and weight.shape[0] <= FAST_MAX_IN_CHANNELS
         and weight.shape[1] <= FAST_MAX_OUT_CHANNELS
     )
+
+
+def _device_of(x: torch.Tensor):
+    """Triton launches on torch's current device: make it x's (and so use its current stream)."""
+    if _on_gpu(x) and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -215,6 +223,13 @@ def triton_forward(
     allow_tf32: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``fused3d_triton::forward``: (y, window_index), ONE kernel launch."""
+    with _device_of(x):
+        return _forward(x, weight, bias, multiplier, stride, padding, output_padding,
+                        negative_slope, allow_tf32)
+
+
+def _forward(x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
+             allow_tf32):
     config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
     y, window_index = empty_outputs(x, weight, stride, padding, output_padding)
     if y.numel() == 0:
@@ -323,6 +338,13 @@ def triton_backward(
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fused3d_triton::backward``: (dx, dweight, dbias, dmultiplier); unwanted ones empty."""
+    with _device_of(x):
+        return _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+                         output_padding, negative_slope, allow_tf32, output_mask)
+
+
+def _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+              output_padding, negative_slope, allow_tf32, output_mask):
     want_x, want_weight, want_bias, want_multiplier = output_mask
     want_bias = bool(want_bias) and bias is not None
     config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
