@@ -1,12 +1,15 @@
 """The two op bodies (forward, backward): pick a kernel, launch it on torch's stream.
 
-Every tensor crosses into CuPy zero-copy through DLPack; every output and temporary comes from
-torch's allocator (so CUDA-graph capture and torch's memory accounting see them); launches go
-to torch's current stream of the inputs' device, with no host synchronisation.
+Tensors reach the kernels zero-copy as device addresses (see ``_launch.py`` for why not a CuPy
+array per tensor); every output and temporary comes from torch's allocator (so CUDA-graph capture
+and torch's memory accounting see them); launches go to torch's current stream of the inputs'
+device, with no host synchronisation. Per-shape launch plans are cached, so a repeated call does
+little more than allocate its outputs and enqueue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from functools import cache
@@ -14,8 +17,9 @@ from functools import cache
 import torch
 
 from fused3d.config import BlockConfig
-from fused3d.ops import config_from_op_args, empty_outputs, finish_channel_grad, skipped_grad
+from fused3d.ops import config_from_op_args, finish_channel_grad, skipped_grad
 
+from ._launch import Kernel, ensure_context
 from ._modules import get_kernel
 
 #: (kernel scalar type, accumulation type) per torch dtype; halves travel as raw 16-bit words.
@@ -28,16 +32,42 @@ KERNEL_TYPES = {
 #: Output channels per thread of the exact parity kernel (4 * this per block).
 _EXACT_CHANNELS = {torch.float64: 4}
 #: Depth rows of the exact parity kernel's tile (1: two blocks per SM overlap staging and
-#: arithmetic; 2: one block of 8 warps with less halo).
-EXACT_ROWS = int(os.environ.get("FUSED3D_CUPY_EXACT_ROWS", "1"))
-#: Opt-in, not yet measured on a GPU: stage tiles with cp.async (all copies in flight) instead of
-#: load-then-store loops; the TF32 kernels then truncate x to TF32 instead of rounding it.
+#: arithmetic; 2: one block of 8 warps with less halo; same bits either way).
+EXACT_ROWS = int(os.environ.get("FUSED3D_CUPY_EXACT_ROWS", "2"))
+#: TF32 kernels: stage tiles with cp.async (all copies of a tile in flight at once) instead of
+#: load-then-store loops. Off by default: the raw copies reach the tensor cores truncated to
+#: TF32 instead of rounded, which measured about twice the gradient error (over the suite's
+#: TF32 tolerance at the benchmark size), for 35% less forward time.
 ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_ASYNC_STAGING", "0") == "1"
+#: Exact (IEEE fp32 / float64) kernel: cp.async staging copies the same values, so it is on.
+EXACT_ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_EXACT_ASYNC_STAGING", "1") == "1"
+#: With async staging, the TF32 forward / grad_z kernel double-buffers its x tiles: the next
+#: tile's copies fly while the current one is computed (twice the shared memory).
+PIPELINE = os.environ.get("FUSED3D_CUPY_PIPELINE", "1") == "1"
+#: The TF32 backward runs over batch chunks whose packed grad_z (pooled-sized, int32) is at most
+#: this many bytes, so that it never exists for the whole batch at once: a lower peak of a
+#: training step, for some extra dweight-partial traffic (0 = whole batch in one pass).
+BACKWARD_CHUNK_BYTES = int(os.environ.get("FUSED3D_CUPY_BACKWARD_CHUNK_BYTES", str(8 << 20)))
+#: How addresses are taken: "pointer" (default, ``data_ptr()``) or "dlpack" (``cupy.from_dlpack``
+#: views, the slower handshake, kept to measure the difference).
+ARGUMENT_MODE = os.environ.get("FUSED3D_CUPY_ARGUMENTS", "pointer")
 _THREADS = 256
 #: The TF32 fast path keeps every input channel's weights in registers: C_in <= 16.
 TF32_MAX_IN_CHANNELS = 16
 #: Its dx kernel stages grad_z of all output channels in shared memory: C_out <= 64.
 TF32_MAX_OUT_CHANNELS_BACKWARD = 64
+
+# Parameter lists of the kernels (struct codes: P pointer, i int, d double), in source order.
+_SIG_TF32 = "10P 8i d 5i"
+_SIG_EXACT = "6P 8i d 4i"
+_SIG_GENERAL_FORWARD = "6P 20i d"
+_SIG_GENERAL_GRAD_Z = "9P 20i d"
+_SIG_GENERAL_ADJOINT = "4P 18i"
+_SIG_CHANNEL_REDUCE = "4P 3i"
+_SIG_GRAD_WEIGHT = "3P 11i"
+_SIG_PARTIAL_SUM = "2P 2i"
+_SIG_PACK = "2P 4i"
+_SIG_GRAD_X = "3P 11i"
 
 
 @cache
@@ -52,80 +82,53 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _i32(*values: int):
-    import numpy
-
-    return tuple(numpy.int32(v) for v in values)
+_kernels: dict[tuple[int, str, str], Kernel] = {}
 
 
-def _f64(value: float):
-    import numpy
-
-    return numpy.float64(value)
-
-
-#: How tensors reach the kernels. "dlpack" (default): ``cupy.from_dlpack`` zero-copy views.
-#: "pointer": the raw device address (``data_ptr()``, passed as a 64-bit value, same bits as a
-#: pointer parameter); also zero-copy, with less host work per call.
-ARGUMENT_MODE = os.environ.get("FUSED3D_CUPY_ARGUMENTS", "dlpack")
+def _kernel(file_name: str, name_expression: str, device_index: int, signature: str) -> Kernel:
+    key = (device_index, file_name, name_expression)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = Kernel(get_kernel(file_name, name_expression, device_index),
+                                        signature)
+    return kernel
 
 
-def _as_cupy(tensor: torch.Tensor):
-    """Zero-copy CuPy view of a (detached) torch tensor; halves as int16 words."""
-    if ARGUMENT_MODE == "pointer":
+_get_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _raw_stream(device_index: int) -> int:
+    """torch's current stream on the device, as a raw cudaStream_t."""
+    if _get_raw_stream is not None:
+        return _get_raw_stream(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _on_device(device_index: int):
+    """Make the tensors' device current (CuPy's kernel cache and the driver launch use it)."""
+    if torch.cuda.current_device() != device_index:
+        return torch.cuda.device(device_index)
+    return contextlib.nullcontext()
+
+
+def _address(tensor: torch.Tensor | None, stream: int = 0) -> int:
+    """The tensor's device address (0 for None: the kernels never read an absent bias)."""
+    if tensor is None:
+        return 0
+    if ARGUMENT_MODE != "dlpack":
         return tensor.data_ptr()
     tensor = tensor.detach()
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.view(torch.int16)
-    return _cupy().from_dlpack(tensor)
-
-
-_streams: dict[tuple[int, int], object] = {}
-_devices: dict[int, object] = {}
-
-
-def _cupy_stream(torch_stream: torch.cuda.Stream, index: int):
-    """CuPy's handle for torch's stream (cached: a stream object only wraps the pointer)."""
-    key = (index, torch_stream.cuda_stream)
-    stream = _streams.get(key)
-    if stream is None:
-        cupy = _cupy()
-        try:
-            stream = cupy.cuda.Stream.from_external(torch_stream)
-        except Exception:  # a CuPy or torch without the __cuda_stream__ protocol
-            stream = cupy.cuda.ExternalStream(torch_stream.cuda_stream, index)
-        _streams[key] = stream
-    return stream
-
-
-class _OnTorchStream:
-    """CuPy's current device and stream set to the tensor's device and torch's stream there."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self._device = _devices.get(self.index)
-        if self._device is None:
-            self._device = _devices[self.index] = _cupy().cuda.Device(self.index)
-        self._stream = _cupy_stream(torch.cuda.current_stream(self.index), self.index)
-
-    def __enter__(self) -> _OnTorchStream:
-        self._device.__enter__()
-        self._stream.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stream.__exit__(*exc)
-        self._device.__exit__(*exc)
-
-
-def _blocks(total: int, device_index: int, per_sm: int = 8) -> int:
-    return max(1, min(math.ceil(total / _THREADS), _sm_count(device_index) * per_sm))
+    cupy = _cupy()
+    with cupy.cuda.ExternalStream(stream):  # the consumer stream of the DLPack handshake
+        return cupy.from_dlpack(tensor).data.ptr
 
 
 def _general_shape(x: torch.Tensor, weight: torch.Tensor, config: BlockConfig, pooled) -> tuple:
     n, c_in, d, h, w = x.shape
-    return _i32(n, c_in, weight.shape[1], d, h, w, *pooled, *config.kernel_size, *config.stride,
-                *config.padding)
+    return (n, c_in, weight.shape[1], d, h, w, *pooled, *config.kernel_size, *config.stride,
+            *config.padding)
 
 
 def _multiplier_stride(multiplier: torch.Tensor) -> int:
@@ -144,47 +147,89 @@ def uses_tf32_path(x: torch.Tensor, config: BlockConfig, allow_tf32: bool) -> bo
 # --------------------------------------------------------------------------- forward
 
 
-def forward_impl(x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
-                 allow_tf32):
-    y, window_index = empty_outputs(x, weight, stride, padding, output_padding)
-    if y.numel() == 0:
-        return y, window_index
+class _ForwardPlan:
+    """Everything about a forward call that depends only on shapes, dtype and flags."""
+
+    __slots__ = ("block", "grid", "head", "index", "kernel", "shape", "shared", "tail")
+
+
+_forward_plans: dict[tuple, _ForwardPlan] = {}
+
+
+def _forward_plan(x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
+                  allow_tf32) -> _ForwardPlan:
     config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
+    plan = _ForwardPlan()
+    plan.index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    plan.shape = config.output_shape(x.shape, weight.shape[1])
+    plan.kernel = None
+    if math.prod(plan.shape) == 0:
+        return plan
     scalar, acc = KERNEL_TYPES[x.dtype]
     n, c_in, d, h, w = x.shape
     c_out = weight.shape[1]
-    has_bias = bias is not None
-    with _OnTorchStream(x.device) as launch:
-        xc, wc, mc = _as_cupy(x), _as_cupy(weight), _as_cupy(multiplier)
-        bc = _as_cupy(bias) if has_bias else wc  # never read when has_bias == 0
-        yc, ic = _as_cupy(y), _as_cupy(window_index)
-        tail = (*_i32(_multiplier_stride(multiplier), int(has_bias)), _f64(negative_slope))
+    index = plan.index
+    flags = (_multiplier_stride(multiplier), int(bias is not None), float(negative_slope))
+    plan.head = ()
+    plan.shared = 0
+    with _on_device(index):
         if uses_tf32_path(x, config, allow_tf32):
             ksteps = 1 if c_in <= 8 else 2
-            kernel = get_kernel("parity_forward.cu", f"parity_tf32<{ksteps}, false>",
-                                launch.index)
+            plan.kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps}, false>", index,
+                                  _SIG_TF32)
             tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
-            grid_x = min(n * math.prod(tiles), 2 * _sm_count(launch.index))
-            kernel((grid_x, math.ceil(c_out / 32)), (128,),
-                   (xc, wc, bc, mc, yc, ic, yc, yc, yc, yc, *_i32(n, c_in, c_out, d, h, w),
-                    *tail, *_i32(*tiles, ASYNC_STAGING)))
+            plan.grid = (min(n * math.prod(tiles), 2 * _sm_count(index)), math.ceil(c_out / 32))
+            plan.block = 128
+            plan.head = (0, 0, 0, 0)  # grad_y, grad_z, partials: backward-only
+            plan.tail = (n, c_in, c_out, d, h, w, *flags, *tiles, *_tf32_staging())
+            plan.shared = _tf32_shared(plan.kernel, ksteps)
         elif config.is_parity_fast_path:
             channels = _EXACT_CHANNELS.get(x.dtype, 8)
             rows = EXACT_ROWS
-            kernel = get_kernel(
-                "parity_forward.cu",
-                f"parity_forward_exact<{scalar}, {acc}, {channels}, {rows}>",
-                launch.index,
-            )
+            plan.kernel = _kernel(
+                "parity_forward.cu", f"parity_forward_exact<{scalar}, {acc}, {channels}, {rows}>",
+                index, _SIG_EXACT)
             tiles = (math.ceil(d / rows), math.ceil(h / 2), math.ceil(w / 32))
-            kernel((n * math.prod(tiles), math.ceil(c_out / (4 * channels))), (128 * rows,),
-                   (xc, wc, bc, mc, yc, ic, *_i32(n, c_in, c_out, d, h, w), *tail,
-                    *_i32(*tiles, ASYNC_STAGING)))
+            plan.grid = (n * math.prod(tiles), math.ceil(c_out / (4 * channels)))
+            plan.block = 128 * rows
+            plan.tail = (n, c_in, c_out, d, h, w, *flags, *tiles, int(EXACT_ASYNC_STAGING))
         else:
-            kernel = get_kernel("general.cu", f"general_forward<{scalar}, {acc}>", launch.index)
-            shape = _general_shape(x, weight, config, y.shape[2:])
-            kernel((_blocks(y.numel(), launch.index),), (_THREADS,),
-                   (xc, wc, bc, mc, yc, ic, *shape, *tail))
+            plan.kernel = _kernel("general.cu", f"general_forward<{scalar}, {acc}>", index,
+                                  _SIG_GENERAL_FORWARD)
+            total = math.prod(plan.shape)
+            plan.grid = (max(1, min(math.ceil(total / _THREADS), _sm_count(index) * 8)), 1)
+            plan.block = _THREADS
+            plan.tail = (*_general_shape(x, weight, config, plan.shape[2:]), *flags)
+    return plan
+
+
+def forward_impl(x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
+                 allow_tf32):
+    device = x.device
+    key = (x.shape, weight.shape, x.dtype, device, bias is None, multiplier.numel(), *stride,
+           *padding, *output_padding, negative_slope, allow_tf32, ASYNC_STAGING, PIPELINE,
+           EXACT_ASYNC_STAGING, EXACT_ROWS)
+    plan = _forward_plans.get(key)
+    if plan is None:
+        if len(_forward_plans) > 256:
+            _forward_plans.clear()
+        plan = _forward_plans[key] = _forward_plan(
+            x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
+            allow_tf32)
+    y = torch.empty(plan.shape, dtype=x.dtype, device=device)
+    window_index = torch.empty(plan.shape, dtype=torch.uint8, device=device)
+    if plan.kernel is None:
+        return y, window_index
+    index = plan.index
+    with _on_device(index):
+        ensure_context(index)
+        stream = _raw_stream(index)
+        plan.kernel.launch(
+            plan.grid, plan.block, stream,
+            (_address(x, stream), _address(weight, stream), _address(bias, stream),
+             _address(multiplier, stream), _address(y, stream), _address(window_index, stream),
+             *plan.head, *plan.tail),
+            shared_mem=plan.shared)
     return y, window_index
 
 
@@ -209,11 +254,16 @@ def backward_impl(grad_y, window_index, x, weight, bias, multiplier, stride, pad
     if grad_y.numel() == 0 or x.numel() == 0:
         return _zero_grads(x, weight, bias, multiplier, wanted)
     config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
-    if (uses_tf32_path(x, config, allow_tf32)
-            and weight.shape[1] <= TF32_MAX_OUT_CHANNELS_BACKWARD):
-        return _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier,
-                                     negative_slope, wanted)
-    return _backward_general(grad_y, window_index, x, weight, bias, multiplier, config, wanted)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    with _on_device(index):
+        ensure_context(index)
+        stream = _raw_stream(index)
+        if (uses_tf32_path(x, config, allow_tf32)
+                and weight.shape[1] <= TF32_MAX_OUT_CHANNELS_BACKWARD):
+            return _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier,
+                                         negative_slope, wanted, index, stream)
+        return _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
+                                 wanted, index, stream)
 
 
 def _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight):
@@ -230,7 +280,8 @@ def _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weig
     )
 
 
-def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config, wanted):
+def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config, wanted, index,
+                      stream):
     want_x, want_weight, want_bias, want_multiplier = wanted
     scalar, acc = KERNEL_TYPES[x.dtype]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -238,118 +289,162 @@ def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
     planes = grad_y.shape[0] * c_out
     plane_size = math.prod(grad_y.shape[2:])
     chunks = max(1, min(math.ceil(plane_size / _THREADS), 64))
-    grad_z = torch.empty(grad_y.shape, dtype=acc_dtype, device=x.device)
-    partial_bias = torch.empty(planes * chunks, dtype=acc_dtype, device=x.device)
+    device = x.device
+    grad_z = torch.empty(grad_y.shape, dtype=acc_dtype, device=device)
+    partial_bias = torch.empty(planes * chunks, dtype=acc_dtype, device=device)
     partial_multiplier = torch.empty_like(partial_bias)
-    dbias_acc = torch.empty(c_out, dtype=acc_dtype, device=x.device)
+    dbias_acc = torch.empty(c_out, dtype=acc_dtype, device=device)
     dmult_acc = torch.empty_like(dbias_acc)
     dx = torch.empty_like(x) if want_x else None
     dweight = torch.empty_like(weight) if want_weight else None
-    has_bias = bias is not None
-    with _OnTorchStream(x.device) as launch:
-        xc, wc, mc = _as_cupy(x), _as_cupy(weight), _as_cupy(multiplier)
-        bc = _as_cupy(bias) if has_bias else wc
-        shape = _general_shape(x, weight, config, grad_y.shape[2:])
-        zc = _as_cupy(grad_z)
-        ic = _as_cupy(window_index)
-        get_kernel("general.cu", f"general_grad_z<{scalar}, {acc}>", launch.index)(
-            (chunks, min(planes, 65535)), (_THREADS,),
-            (_as_cupy(grad_y), ic, xc, wc, bc, mc, zc, _as_cupy(partial_bias),
-             _as_cupy(partial_multiplier), *shape,
-             *_i32(_multiplier_stride(multiplier), int(has_bias)), _f64(config.negative_slope)))
-        if want_bias or want_multiplier:
-            get_kernel("general.cu", f"channel_reduce<{acc}>", launch.index)(
-                (min(c_out, 65535),), (_THREADS,),
-                (_as_cupy(partial_bias), _as_cupy(partial_multiplier), _as_cupy(dbias_acc),
-                 _as_cupy(dmult_acc), *_i32(grad_y.shape[0], c_out, chunks)))
-        if want_x:
-            get_kernel("general.cu", f"general_grad_x<{scalar}, {acc}>", launch.index)(
-                (_blocks(x.numel(), launch.index),), (_THREADS,),
-                (zc, ic, wc, _as_cupy(dx), *shape))
-        if want_weight:
-            get_kernel("general.cu", f"general_grad_weight<{scalar}, {acc}>", launch.index)(
-                (min(weight.numel(), 65535 * 16),), (_THREADS,),
-                (zc, ic, xc, _as_cupy(dweight), *shape))
+    shape = _general_shape(x, weight, config, grad_y.shape[2:])
+    xp, wp, zp, ip = (_address(t, stream) for t in (x, weight, grad_z, window_index))
+    _kernel("general.cu", f"general_grad_z<{scalar}, {acc}>", index, _SIG_GENERAL_GRAD_Z).launch(
+        (chunks, min(planes, 65535)), _THREADS, stream,
+        (_address(grad_y, stream), ip, xp, wp, _address(bias, stream),
+         _address(multiplier, stream), zp, _address(partial_bias, stream),
+         _address(partial_multiplier, stream), *shape, _multiplier_stride(multiplier),
+         int(bias is not None), float(config.negative_slope)))
+    if want_bias or want_multiplier:
+        _kernel("general.cu", f"channel_reduce<{acc}>", index, _SIG_CHANNEL_REDUCE).launch(
+            (min(c_out, 65535), 1), _THREADS, stream,
+            (_address(partial_bias, stream), _address(partial_multiplier, stream),
+             _address(dbias_acc, stream), _address(dmult_acc, stream), grad_y.shape[0], c_out,
+             chunks))
+    if want_x:
+        blocks = max(1, min(math.ceil(x.numel() / _THREADS), _sm_count(index) * 8))
+        _kernel("general.cu", f"general_grad_x<{scalar}, {acc}>", index,
+                _SIG_GENERAL_ADJOINT).launch(
+            (blocks, 1), _THREADS, stream, (zp, ip, wp, _address(dx, stream), *shape))
+    if want_weight:
+        _kernel("general.cu", f"general_grad_weight<{scalar}, {acc}>", index,
+                _SIG_GENERAL_ADJOINT).launch(
+            (min(weight.numel(), 65535 * 16), 1), _THREADS, stream,
+            (zp, ip, xp, _address(dweight, stream), *shape))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 
 def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, negative_slope,
-                          wanted):
+                          wanted, index, stream):
+    """Three GEMM-shaped passes per batch chunk (grad_z at the winners, dweight partials, dx),
+    then fixed-order reductions of the channel and dweight partials (deterministic)."""
     want_x, want_weight, want_bias, want_multiplier = wanted
     n, c_in, d, h, w = x.shape
     c_out = weight.shape[1]
     device = x.device
-    has_bias = bias is not None
-    grad_z_packed = torch.empty(grad_y.shape, dtype=torch.int32, device=device)
-    with _OnTorchStream(device) as launch:
-        sms = _sm_count(launch.index)
-        xc, wc, mc = _as_cupy(x), _as_cupy(weight), _as_cupy(multiplier)
-        bc = _as_cupy(bias) if has_bias else wc
-        zc = _as_cupy(grad_z_packed)
-        dims = _i32(n, c_in, c_out, d, h, w)
+    sms = _sm_count(index)
+    spatial = d * h * w
+    grad_z_bytes = grad_y.numel() * 4
+    chunk = n
+    if BACKWARD_CHUNK_BYTES > 0 and grad_z_bytes > BACKWARD_CHUNK_BYTES:
+        chunk = max(1, math.ceil(n * BACKWARD_CHUNK_BYTES / grad_z_bytes))
+    starts = range(0, n, chunk)
 
+    tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
+    grids_z = [min(min(chunk, n - b0) * math.prod(tiles), 2 * sms) for b0 in starts]
+    tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
+    grid_w = min(chunk * math.prod(tiles_w), 2 * sms)
+    tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))
+    ksteps_in = 1 if c_in <= 8 else 2
+    ksteps_out = math.ceil(c_out / 8)
+    ntiles = 1 if c_in <= 8 else 2
+
+    grad_z = torch.empty((chunk, c_out, d, h, w), dtype=torch.int32, device=device)
+    partial_bias = torch.empty((sum(grids_z), c_out), dtype=torch.float32, device=device)
+    partial_multiplier = torch.empty_like(partial_bias)
+    partial_weight = (torch.empty((grid_w, weight.numel()), dtype=torch.float32, device=device)
+                      if want_weight else None)
+    fragments = (torch.empty(27 * ksteps_out * ntiles * 64, dtype=torch.int32, device=device)
+                 if want_x else None)
+    dx = torch.empty_like(x) if want_x else None
+
+    xp, wp, zp = _address(x, stream), _address(weight, stream), _address(grad_z, stream)
+    gyp, ip = _address(grad_y, stream), _address(window_index, stream)
+    pbp, pmp = _address(partial_bias, stream), _address(partial_multiplier, stream)
+    pwp = _address(partial_weight, stream)
+    dxp = _address(dx, stream)
+    fragments_at = _address(fragments, stream)
+    flags = (_multiplier_stride(multiplier), int(bias is not None), float(negative_slope))
+    grad_z_kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", index,
+                            _SIG_TF32)
+    grad_z_shared = _tf32_shared(grad_z_kernel, ksteps_in)
+    if want_weight:
+        grad_weight_kernel = _kernel("parity_backward.cu", "parity_grad_weight_tf32", index,
+                                     _SIG_GRAD_WEIGHT)
+    if want_x:
+        _kernel("parity_backward.cu", "pack_weight_fragments", index, _SIG_PACK).launch(
+            (math.ceil(27 * ksteps_out * ntiles * 32 / 256), 1), 256, stream,
+            (wp, fragments_at, c_in, c_out, ksteps_out, ntiles))
+        grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_tf32<{ntiles}>", index,
+                                _SIG_GRAD_X)
+        shared = ksteps_out * 8 * _grad_x_channel_stride() * 4
+        if shared > 48 * 1024 and (id(grad_x_kernel), shared) not in _raised_shared:
+            grad_x_kernel.raw.max_dynamic_shared_size_bytes = shared
+            _raised_shared.add((id(grad_x_kernel), shared))
+        fp = fragments_at
+
+    row = 0
+    for step, b0 in enumerate(starts):
+        size = min(chunk, n - b0)
+        x_at = xp + b0 * c_in * spatial * 4
+        pooled_at = b0 * c_out * spatial
+        dims = (size, c_in, c_out, d, h, w)
         # 1. grad_z at the winners (same TF32 arithmetic as the forward) + channel partials.
-        tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
-        grid_z = min(n * math.prod(tiles), 2 * sms)
-        partial_bias = torch.empty((grid_z, c_out), dtype=torch.float32, device=device)
-        partial_multiplier = torch.empty_like(partial_bias)
-        ksteps_in = 1 if c_in <= 8 else 2
-        yc = _as_cupy(grad_y)
-        get_kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", launch.index)(
-            (grid_z, math.ceil(c_out / 32)), (128,),
-            (xc, wc, bc, mc, yc, _as_cupy(window_index), yc, zc, _as_cupy(partial_bias),
-             _as_cupy(partial_multiplier), *dims,
-             *_i32(_multiplier_stride(multiplier), int(has_bias)), _f64(negative_slope),
-             *_i32(*tiles, ASYNC_STAGING)))
-        dbias_acc = dmult_acc = None
-        if want_bias or want_multiplier:
-            dbias_acc = torch.empty(c_out, dtype=torch.float32, device=device)
-            dmult_acc = torch.empty_like(dbias_acc)
-            get_kernel("general.cu", "channel_reduce<float>", launch.index)(
-                (c_out,), (_THREADS,),
-                (_as_cupy(partial_bias), _as_cupy(partial_multiplier), _as_cupy(dbias_acc),
-                 _as_cupy(dmult_acc), *_i32(grid_z, c_out, 1)))
-
-        # 2. dweight: per-block partial GEMMs, then a fixed-order sum of the partials. Before dx,
-        # so that the partials are freed (stream-ordered) before dx is allocated: lower peak.
-        dweight = None
+        grad_z_kernel.launch(
+            (grids_z[step], math.ceil(c_out / 32)), 128, stream,
+            (x_at, wp, _address(bias, stream), _address(multiplier, stream), gyp + 4 * pooled_at,
+             ip + pooled_at, gyp + 4 * pooled_at, zp, pbp + 4 * row * c_out,
+             pmp + 4 * row * c_out, *dims, *flags, *tiles, *_tf32_staging()),
+            shared_mem=grad_z_shared)
+        row += grids_z[step]
+        # 2. dweight partials, one per block, accumulated over the chunks.
         if want_weight:
-            dweight = torch.empty_like(weight)
-            tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
-            grid_w = min(n * math.prod(tiles_w), 2 * sms)
-            partial_weight = torch.empty((grid_w, weight.numel()), dtype=torch.float32,
-                                         device=device)
-            pc = _as_cupy(partial_weight)
-            get_kernel("parity_backward.cu", "parity_grad_weight_tf32", launch.index)(
-                (grid_w, math.ceil(c_out / 32)), (128,),
-                (xc, zc, pc, *dims, *_i32(*tiles_w, ASYNC_STAGING)))
-            get_kernel("parity_backward.cu", "partial_sum_reduce", launch.index)(
-                (min(math.ceil(weight.numel() / 32), 8 * sms),), (_THREADS,),
-                (pc, _as_cupy(dweight), *_i32(grid_w, weight.numel())))
-            del pc, partial_weight
-
-        # 3. dx: implicit GEMM over (offset, class) blocks with packed weight fragments.
-        dx = None
+            grad_weight_kernel.launch(
+                (grid_w, math.ceil(c_out / 32)), 128, stream,
+                (x_at, zp, pwp, *dims, *tiles_w, int(ASYNC_STAGING), int(step > 0)))
+        # 3. dx of the chunk: implicit GEMM over (offset, class) blocks.
         if want_x:
-            dx = torch.empty_like(x)
-            ksteps_out = math.ceil(c_out / 8)
-            ntiles = 1 if c_in <= 8 else 2
-            fragments = torch.empty(27 * ksteps_out * ntiles * 64, dtype=torch.int32,
-                                    device=device)
-            fc = _as_cupy(fragments)
-            get_kernel("parity_backward.cu", "pack_weight_fragments", launch.index)(
-                (math.ceil(27 * ksteps_out * ntiles * 32 / 256),), (256,),
-                (wc, fc, *_i32(c_in, c_out, ksteps_out, ntiles)))
-            kernel = get_kernel("parity_backward.cu", f"parity_grad_x_tf32<{ntiles}>",
-                                launch.index)
-            shared = ksteps_out * 8 * _grad_x_channel_stride() * 4
-            if shared > 48 * 1024:
-                kernel.max_dynamic_shared_size_bytes = shared
-            tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))
-            kernel((n * math.prod(tiles_x),), (128,),
-                   (zc, fc, _as_cupy(dx), *dims, *_i32(ksteps_out, *tiles_x, ASYNC_STAGING)),
-                   shared_mem=shared)
+            grad_x_kernel.launch(
+                (size * math.prod(tiles_x), 1), 128, stream,
+                (zp, fp, dxp + b0 * c_in * spatial * 4, *dims, ksteps_out, *tiles_x,
+                 int(ASYNC_STAGING)),
+                shared_mem=shared)
+
+    dbias_acc = dmult_acc = None
+    if want_bias or want_multiplier:
+        dbias_acc = torch.empty(c_out, dtype=torch.float32, device=device)
+        dmult_acc = torch.empty_like(dbias_acc)
+        _kernel("general.cu", "channel_reduce<float>", index, _SIG_CHANNEL_REDUCE).launch(
+            (c_out, 1), _THREADS, stream,
+            (pbp, pmp, _address(dbias_acc, stream), _address(dmult_acc, stream), row, c_out, 1))
+    dweight = None
+    if want_weight:
+        dweight = torch.empty_like(weight)
+        _kernel("parity_backward.cu", "partial_sum_reduce", index, _SIG_PARTIAL_SUM).launch(
+            (min(math.ceil(weight.numel() / 32), 8 * sms), 1), _THREADS, stream,
+            (pwp, _address(dweight, stream), grid_w, weight.numel()))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
+
+
+_raised_shared: set[tuple[int, int]] = set()
+
+
+def _tf32_staging() -> tuple[int, int]:
+    """The (async_staging, pipeline) arguments of parity_tf32."""
+    return int(ASYNC_STAGING), int(ASYNC_STAGING and PIPELINE)
+
+
+def _tf32_shared(kernel: Kernel, ksteps: int) -> int:
+    """Dynamic shared memory of parity_tf32: one or two x tiles of tf32_tile::CS words per
+    (padded) input channel; raises the kernel's limit above the default 48 KB when needed."""
+    positions = 3 * 5 * 33  # (2+1) x (4+1) x (32+1)
+    channel_stride = ((positions - 8 + 31) // 32) * 32 + 8
+    buffers = 2 if (ASYNC_STAGING and PIPELINE) else 1
+    shared = buffers * 8 * ksteps * channel_stride * 4
+    if shared > 48 * 1024 and (id(kernel), shared) not in _raised_shared:
+        kernel.raw.max_dynamic_shared_size_bytes = shared
+        _raised_shared.add((id(kernel), shared))
+    return shared
 
 
 def _grad_x_channel_stride() -> int:

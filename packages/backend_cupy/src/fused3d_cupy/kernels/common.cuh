@@ -126,3 +126,10 @@ __device__ __forceinline__ void stage_async(void* shared_dst, const void* global
                  : "memory");
 }
 __device__ __forceinline__ void stage_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Groups, for double buffering: stage_commit() closes the copies issued so far into a group;
+// stage_wait_pending<N>() waits until at most N groups are still in flight.
+__device__ __forceinline__ void stage_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void stage_wait_pending() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}

@@ -172,7 +172,7 @@ constexpr int ZS = QPOS + 4;
 extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
     const float* __restrict__ x, const unsigned int* __restrict__ grad_z_packed,
     float* __restrict__ partial_weight, int N, int Cin, int Cout, int D, int H, int W, int tiles_d,
-    int tiles_h, int tiles_w, int async_staging) {
+    int tiles_h, int tiles_w, int async_staging, int accumulate) {
     using namespace grad_w_tile;
     __shared__ unsigned int xs[16 * XS];
     __shared__ unsigned int zs[32 * ZS];
@@ -273,9 +273,13 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
             for (int r = 0; r < 4; ++r) {
                 const int ci = g + (r >= 2 ? 8 : 0);
                 const int co = co_block + warp * 8 + 2 * t + (r & 1);
-                if (ci < Cin && co < Cout)
-                    partial_weight[(long long)blockIdx.x * weights + ((long long)ci * Cout + co) * 27 +
-                                   class_tap(c, a)] = acc[c][a][r];
+                if (ci < Cin && co < Cout) {
+                    float* out = partial_weight + (long long)blockIdx.x * weights +
+                                 ((long long)ci * Cout + co) * 27 + class_tap(c, a);
+                    // Batch-chunked backward: each launch adds one chunk to the same block's
+                    // partial, in chunk order (deterministic).
+                    *out = accumulate ? *out + acc[c][a][r] : acc[c][a][r];
+                }
             }
         }
 }

@@ -41,10 +41,14 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
     unsigned int* __restrict__ grad_z_packed, float* __restrict__ partial_bias,
     float* __restrict__ partial_multiplier, int N, int Cin, int Cout, int D, int H, int W,
     int multiplier_stride, int has_bias, double negative_slope, int tiles_d, int tiles_h,
-    int tiles_w, int async_staging) {
+    int tiles_w, int async_staging, int pipeline) {
     using namespace tf32_tile;
     constexpr int CIN_PAD = 8 * KSTEPS;
-    __shared__ unsigned int xs[CIN_PAD * CS];
+    constexpr int BUFFER = CIN_PAD * CS;
+    // One x tile per buffer; two when pipelined (dynamic shared memory: the host passes the size).
+    extern __shared__ unsigned int xs_buffers[];
+    // Pipelined (needs cp.async): the next tile's copies are in flight while this one computes.
+    const bool pipelined = async_staging && pipeline;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -82,14 +86,13 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
     float sum_bias[2] = {0.0f, 0.0f}, sum_multiplier[2] = {0.0f, 0.0f};  // GRAD only
     const long long spatial = (long long)D * H * W;
     const int num_tiles = N * tiles_d * tiles_h * tiles_w;
-    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+    // Stage x at {tile, tile + 1}^3 of tile `tile` into `xs` (channel-major, TF32 or raw fp32).
+    auto stage = [&](int tile, unsigned int* xs) {
         int rest = tile;
         const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
         const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
         const int d0 = (rest % tiles_d) * TD;
         const int n = rest / tiles_d;
-
-        __syncthreads();  // the previous tile's fragments have been read
         const float* xn = x + (long long)n * Cin * spatial;
         for (int i = threadIdx.x; i < CIN_PAD * XPOS; i += 128) {
             const int ci = i / XPOS, pos = i % XPOS;
@@ -105,7 +108,34 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
                 xs[ci * CS + pos] = to_tf32(valid ? *src : 0.0f);
             }
         }
-        if (async_staging) stage_wait();
+    };
+    if (pipelined && blockIdx.x < num_tiles) {
+        stage(blockIdx.x, xs_buffers);
+        stage_commit();
+    }
+    int iteration = 0;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++iteration) {
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
+        const int d0 = (rest % tiles_d) * TD;
+        const int n = rest / tiles_d;
+
+        unsigned int* xs = xs_buffers + (pipelined ? (iteration & 1) * BUFFER : 0);
+        if (pipelined) {
+            // The other buffer was last read in the previous iteration (synchronised at its end).
+            if (tile + gridDim.x < num_tiles) {
+                stage(tile + gridDim.x, xs_buffers + ((iteration + 1) & 1) * BUFFER);
+                stage_commit();
+                stage_wait_pending<1>();  // this tile's group has landed, the next may fly
+            } else {
+                stage_wait_pending<0>();
+            }
+        } else {
+            __syncthreads();  // the previous tile's fragments have been read
+            stage(tile, xs);
+            if (async_staging) stage_wait();
+        }
         __syncthreads();
 
         for (int mt = 0; mt < MTILES; ++mt) {
@@ -186,6 +216,7 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
                 }
             }
         }
+        if (pipelined) __syncthreads();  // every warp is done with xs before it is restaged
     }
     if (GRAD) {
         // Fixed-order tree over the 8 lanes (g) that share this thread's channels.
@@ -357,7 +388,7 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     template __global__ void parity_tf32<KSTEPS, GRAD>(                                        \
         const float*, const float*, const float*, const float*, float*, unsigned char*,       \
         const float*, unsigned int*, float*, float*, int, int, int, int, int, int, int, int,  \
-        double, int, int, int, int);
+        double, int, int, int, int, int);
 FUSED3D_INSTANTIATE_TF32(1, false)
 FUSED3D_INSTANTIATE_TF32(2, false)
 FUSED3D_INSTANTIATE_TF32(1, true)
