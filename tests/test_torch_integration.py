@@ -11,7 +11,10 @@ from checks import Case, make_inputs, random_like_output, run_backend
 
 
 def _namespace(backend_name):
-    return getattr(torch.ops, fused3d.get_backend(backend_name).namespace)
+    """The backend's torch.ops namespace, its ops defined (as the first call would)."""
+    backend = fused3d.get_backend(backend_name)
+    backend.load()
+    return getattr(torch.ops, backend.namespace)
 
 
 @pytest.mark.parametrize("case", [Case(spatial=(2, 2, 3), in_channels=2, out_channels=3),

@@ -30,7 +30,10 @@ _DEFAULT = {
     # IEEE fp32: accumulation order differs from the oracle's; sums of up to ~10^3 terms.
     IEEE32: Tolerance(forward=2e-6, gradient=1e-5, elementwise=1e-4),
     # TF32 operands carry 10 mantissa bits: ~5e-4 relative each, partly cancelling in sums.
-    TF32: Tolerance(forward=2e-3, gradient=5e-3),
+    # Gradients are channel sums over up to 10^7 terms that cancel: eager PyTorch's own cuDNN
+    # TF32 result at the benchmark size (batch 1, H100, 2026-11-24) is 1.4e-2 off float64
+    # in dbias and 5e-3 in dx/dweight, so the bound is set where eager PyTorch passes.
+    TF32: Tolerance(forward=2e-3, gradient=2e-2),
     # Half types: fp32 accumulation, operands and output rounded to 11 / 8 significant bits.
     FLOAT16: Tolerance(forward=2e-3, gradient=5e-3),
     BFLOAT16: Tolerance(forward=1.5e-2, gradient=3e-2),
