@@ -29,7 +29,8 @@ MIN_COMPUTE_CAPABILITY = (8, 0)
 class CupyBackend(BackendBase):
     name = "cupy"
     namespace = "fused3d_cupy"
-    auto_priority = 10
+    # auto: cuda > cupy > triton, from the H100 benchmark of 2026-11-24 (plots/bench_cuda.csv)
+    auto_priority = 20
     description = (
         "CuPy RawModule kernels (NVRTC): one-launch fused forward (TF32 tensor cores for the "
         "kernel-3/stride-2 case), fused backward"

@@ -25,7 +25,8 @@ def _interpreting() -> bool:
 class TritonBackend(BackendBase):
     name = "triton"
     namespace = NAMESPACE
-    auto_priority = 20
+    # auto: cuda > cupy > triton, from the H100 benchmark of 2026-11-24 (plots/bench_cuda.csv)
+    auto_priority = 10
     description = (
         "Triton kernels: one fused forward launch (parity-split implicit GEMM for kernel 3 / "
         "stride 2), fused backward; runs on CPU under TRITON_INTERPRET=1"
