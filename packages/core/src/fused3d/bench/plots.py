@@ -82,8 +82,10 @@ def colors_for(names: list[str]) -> dict[str, str]:
     return colors
 
 
-def _present(rows: list[dict], key: str, order: Iterable[str]) -> list[str]:
-    seen = {r[key] for r in rows}
+def _present(rows: list[dict], key: str, order: Iterable[str], ok_only: bool = True) -> list[str]:
+    """Values of ``key`` in ``order`` (then any others), only those with a timed row unless
+    ``ok_only`` is False: a panel where nothing was timed is left out."""
+    seen = {r[key] for r in rows if r["status"] == "ok" or not ok_only}
     return [v for v in order if v in seen] + sorted(seen - set(order))
 
 
@@ -120,9 +122,39 @@ def _footnote(fig, rows: list[dict]) -> None:
     if failed:
         more = f" (+{len(failed) - 8} more, see the CSV)" if len(failed) > 8 else ""
         lines.append("not timed: " + "; ".join(failed[:8]) + more)
+    skipped: dict[str, int] = {}
+    for row in rows:
+        if row["status"] == "skipped":
+            reason = _short(row.get("message", ""), 50)
+            skipped[reason] = skipped.get(reason, 0) + 1
+    if skipped:
+        lines.append("skipped: " + "; ".join(f"{n} points ({reason})"
+                                             for reason, n in skipped.items()))
     if lines:
         fig.text(0.01, -0.01, "\n".join(lines), fontsize=7, va="top", ha="left",
                  color="#555555")
+
+
+def _y_axis(ax, always_log: bool = False) -> None:
+    """Log y with plain-number labels; linear when the data span less than a decade (a log
+    axis then shows only scientific minor labels)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if not always_log and low > 0 and high / low < 10:
+        ax.set_ylim(0, high * 1.1)
+        return
+    ax.set_yscale("log")
+    decades = math.log10(high / low) if low > 0 and high > 0 else 3
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if decades > 3 else
+                                          (1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def _batch_axis(ax, rows: list[dict]) -> None:
@@ -245,12 +277,12 @@ def figure_scaling(rows: list[dict], out_base: Path, plt) -> list[Path]:
                 ax.plot([f[0] for f in floors], [f[1] for f in floors], color="black",
                         linestyle=":", label="forward floor (DESIGN 7)")
             _batch_axis(ax, cell)
-            ax.set_yscale("log")
+            _y_axis(ax)
             ax.set_ylabel("median ms (band p10-p90)", fontsize=8)
             ax.set_title(f"{MODE_TITLES[mode]}\n{PRECISION_TITLES.get(precision, precision)}",
                          fontsize=9)
             ax.grid(which="both", alpha=0.25)
-            ax.legend(fontsize=7)
+            _legend(ax)
     fig.suptitle(_title("scaling with batch", rows), fontsize=10)
     fig.tight_layout()
     _footnote(fig, rows)
@@ -289,6 +321,17 @@ def figure_memory(rows: list[dict], out_base: Path, plt) -> list[Path] | None:
         ax.set_xscale("log")
         finite = [v for v in values if not math.isnan(v)]
         ax.set_xlim(min(finite) / 3, max(finite) * 20)
+        # Say why a bar is missing: not timed here, or timed without a memory number.
+        for y, name in enumerate(names):
+            if not math.isnan(values[y]):
+                continue
+            row = next((r for r in rows if r["implementation"] == name
+                        and r["mode"] == TRAINING and r["precision"] == precision
+                        and r["batch"] == batch), None)
+            if row is None:
+                continue
+            why = ("not measured (CUDA graphs)" if row["status"] == "ok" else row["status"])
+            ax.text(min(finite) / 2.7, y, why, va="center", fontsize=8, color="#777777")
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_ylim(len(names) - 0.5, -0.5)
         ax.set_xlabel("extra peak MiB over inputs and weights (log)", fontsize=8)
@@ -303,10 +346,10 @@ def figure_memory(rows: list[dict], out_base: Path, plt) -> list[Path] | None:
                         label=name, color=colors[name],
                         linestyle=BASELINE_STYLES.get(name, "-"))
         _batch_axis(ax, cell)
-        ax.set_yscale("log")
+        _y_axis(ax)
         ax.set_ylabel("extra peak MiB", fontsize=8)
         ax.grid(which="both", alpha=0.25)
-        ax.legend(fontsize=7)
+        _legend(ax)
     fig.suptitle(_title("extra peak memory of a training step (forward + backward)", rows),
                  fontsize=10)
     fig.tight_layout()
@@ -340,14 +383,14 @@ def figure_roofline(rows: list[dict], out_base: Path, plt) -> list[Path] | None:
         floor16 = next((r["floor_ms"] for r in cell if r["batch"] == BENCHMARK_BATCH), None)
         ax.axhline(100, color="black", linestyle=":")
         _batch_axis(ax, cell)
-        ax.set_yscale("log")
+        _y_axis(ax, always_log=True)
         ax.set_ylim(top=150)
         ax.set_ylabel("floor / measured time, % (100% = at the floor)", fontsize=8)
         floor_text = f"floor {floor16 * 1000:.0f} us at batch 16" if floor16 else ""
         ax.set_title(f"forward, {PRECISION_TITLES.get(precision, precision)}\n{floor_text}",
                      fontsize=9)
         ax.grid(which="both", alpha=0.25)
-        ax.legend(fontsize=7)
+        _legend(ax)
     gpu = rows[0].get("gpu", "")
     note = "" if "H100" in gpu else " (floors measured on the lent H100, not this GPU)"
     fig.suptitle(_title("share of the forward floor (DESIGN section 7; floors scale with batch)"
@@ -363,8 +406,8 @@ def markdown_table(rows: list[dict]) -> str:
     """Median ms, speedups and memory at the benchmark batch, one line per implementation."""
     batch = _benchmark_batch(rows)
     at_batch = [r for r in rows if r["batch"] == batch]
-    modes = _present(at_batch, "mode", (FORWARD, TRAINING))
-    precisions = _present(at_batch, "precision", tuple(PRECISION_TITLES))
+    modes = _present(at_batch, "mode", (FORWARD, TRAINING), ok_only=False)
+    precisions = _present(at_batch, "precision", tuple(PRECISION_TITLES), ok_only=False)
     columns = [(m, p) for m in modes for p in precisions]
     cell = {(r["implementation"], r["mode"], r["precision"]): r for r in at_batch}
     header = ["implementation"] + [
