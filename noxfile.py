@@ -47,7 +47,7 @@ def _install(session: nox.Session, *args: str) -> None:
 
 def _install_packages(session: nox.Session, *folders_with_extras: str) -> None:
     _install(session, *TORCH)
-    _install(session, "-e", "packages/core[test]")
+    _install(session, "-e", "packages/core[test,plots]")
     for folder in folders_with_extras:
         _install(session, "-e", folder)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import datetime as dt
 import gc
 import json
@@ -438,7 +437,7 @@ class Runner:
 
     def point(self, impl: Implementation, mode: str, group: Group, state: dict,
               row: dict) -> dict:
-        from fused3d.config import BlockConfig
+        from fused3d.backend import CallSpec
         from fused3d.registry import get_backend
 
         settings, precision = self.settings, group.precision
@@ -456,11 +455,8 @@ class Runner:
                 reasons = list(backend.unavailable_reasons())
                 if reasons:
                     return {**row, "status": UNAVAILABLE, "message": "; ".join(reasons)}
-                problem = settings.problem
-                config = BlockConfig.from_args(problem.kernel_size, problem.stride,
-                                               problem.padding, problem.output_padding)
                 reasons = list(backend.unsupported_reasons(
-                    _call_spec(self.device.type, precision.dtype, config)))
+                    CallSpec(self.device.type, precision.dtype)))
                 if reasons:
                     return {**row, "status": UNSUPPORTED, "message": "; ".join(reasons)}
             except Exception as error:
@@ -538,15 +534,6 @@ class Runner:
                 except Exception as error:  # a sticky CUDA error: nothing more can run here
                     self.context_lost = (f"CUDA context lost after {impl.name} {mode}: "
                                          f"{_first_line(error, 200)}")
-
-
-def _call_spec(device_type: str, dtype: torch.dtype, config) -> object:
-    """A CallSpec for the benchmark configuration, passing only the fields it declares."""
-    from fused3d.backend import CallSpec
-
-    fields = {f.name for f in dataclasses.fields(CallSpec)}
-    values = {"device_type": device_type, "dtype": dtype, "config": config}
-    return CallSpec(**{name: value for name, value in values.items() if name in fields})
 
 
 def _num(value: float) -> float | str:
