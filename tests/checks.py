@@ -9,9 +9,13 @@ import torch
 
 import fused3d
 from fused3d.config import BlockConfig
-from fused3d.testing import relative_error, tolerance_for
-
-import oracle
+from fused3d.testing import (
+    oracle_forward,
+    oracle_gradients,
+    relative_error,
+    tolerance_for,
+    window_values,
+)
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def max_abs(tensor: torch.Tensor) -> float:
 
 def unambiguous(values64: torch.Tensor, threshold: float) -> torch.Tensor:
     """Windows whose best value beats every other by more than ``threshold`` (NaN-free)."""
-    windows = oracle.window_values(values64)
+    windows = window_values(values64)
     top2 = windows.topk(2, dim=-1).values
     finite = torch.isfinite(windows).all(dim=-1)
     return finite & ((top2[..., 0] - top2[..., 1]) > threshold)
@@ -148,7 +152,7 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
     case = inputs.case
     stride, padding, output_padding = case.op_args()
     args = (*inputs.tensors(), stride, padding, output_padding, case.negative_slope)
-    y64, index64, values64 = oracle.forward(*args)
+    y64, index64, values64 = oracle_forward(*args, device="cpu")
     probe = torch.empty(y64.shape, dtype=inputs.x.dtype, device=inputs.x.device)
     grad_y = random_like_output(probe, generator) if gradients else None
     y, window_index, grads = run_backend(backend_name, inputs, grad_y, allow_tf32)
@@ -170,7 +174,7 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
         f"{int(mismatched.sum())} of {index.numel()} windows disagree with PyTorch's winner "
         f"(first at {mismatched.nonzero()[0].tolist()})"
     )
-    chosen = torch.gather(oracle.window_values(values64), -1, index.long().unsqueeze(-1))
+    chosen = torch.gather(window_values(values64), -1, index.long().unsqueeze(-1))
     best = y64.unsqueeze(-1)
     finite = torch.isfinite(best)
     assert (chosen[finite] >= best[finite] - threshold - 1e-12 * scale).all(), (
@@ -185,7 +189,7 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
     if not gradients:
         return
 
-    expected = oracle.gradients(*args, grad_y, window_index)
+    expected = oracle_gradients(*args, grad_y, window_index, device="cpu")
     for name, got, want in zip(("dx", "dweight", "dbias", "dmultiplier"), grads, expected,
                                strict=True):
         if want is None:

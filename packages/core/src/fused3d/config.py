@@ -149,11 +149,3 @@ def _as_slope(negative_slope: float) -> float:
         raise ValueError(f"negative_slope must be finite, got {negative_slope!r}")
     return value
 
-
-def window_offsets(window_index: int) -> Triple:
-    """(dd, dh, dw) inside the 2x2x2 window for index ``window_index``.
-
-    The index is ``dd * 4 + dh * 2 + dw``: the order in which PyTorch's max_pool3d scans a
-    window (d, then h, then w), so "first maximum wins" means "lowest index wins".
-    """
-    return (window_index >> 2) & 1, (window_index >> 1) & 1, window_index & 1

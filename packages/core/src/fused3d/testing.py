@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from .config import POOL, WINDOW_SIZE
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,67 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if reference_norm == 0.0:
         return error_norm
     return error_norm / reference_norm
+
+
+# --------------------------------------------------------------------------- float64 oracle
+# Eager PyTorch ops only: the oracle shares no code with any backend (the reference backend
+# included). PyTorch's own max_pool3d picks each window's winner (first maximum, last NaN).
+
+
+def activated(x, weight, bias, multiplier, stride, padding, output_padding, negative_slope):
+    """leaky(m * leaky(conv_transpose3d(x))): the values the pool scans, in the inputs' dtype."""
+    conv = F.conv_transpose3d(x, weight, bias, stride=stride, padding=padding,
+                              output_padding=output_padding)
+    return F.leaky_relu(F.leaky_relu(conv, negative_slope) * multiplier.reshape(-1, 1, 1, 1),
+                        negative_slope)
+
+
+def pool_with_window_index(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled values, uint8 window index ``dd*4 + dh*2 + dw``) from PyTorch's max_pool3d."""
+    pooled, flat = F.max_pool3d(values, kernel_size=POOL, return_indices=True)
+    height, width = values.shape[-2:]
+    d, h, w = flat // (height * width), (flat // width) % height, flat % width
+    return pooled, ((d % 2) * 4 + (h % 2) * 2 + (w % 2)).to(torch.uint8)
+
+
+def window_values(values: torch.Tensor) -> torch.Tensor:
+    """All 8 values of each pool window, shape (N, C, Dp, Hp, Wp, 8), in index order."""
+    n, c, d, h, w = values.shape
+    dp, hp, wp = d // POOL, h // POOL, w // POOL
+    cropped = values[:, :, : dp * POOL, : hp * POOL, : wp * POOL]
+    return (cropped.reshape(n, c, dp, POOL, hp, POOL, wp, POOL)
+            .permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(n, c, dp, hp, wp, WINDOW_SIZE))
+
+
+def _as64(tensor, device):
+    return None if tensor is None else tensor.detach().to(device or tensor.device, torch.float64)
+
+
+def oracle_forward(x, weight, bias, multiplier, stride, padding, output_padding,
+                   negative_slope, *, device=None):
+    """float64 ``(y, window_index, activated values)``, computed on ``device`` (default: x's)."""
+    values = activated(*(_as64(t, device) for t in (x, weight, bias, multiplier)),
+                       stride, padding, output_padding, negative_slope)
+    y, window_index = pool_with_window_index(values)
+    return y, window_index, values
+
+
+def oracle_gradients(x, weight, bias, multiplier, stride, padding, output_padding,
+                     negative_slope, grad_y, window_index, *, device=None):
+    """float64 (dx, dweight, dbias, dmultiplier), each window's gradient sent to
+    ``window_index``; dbias is None without bias.
+
+    Routing through a given index: where two values of a window are closer than an
+    implementation's rounding, either may legitimately win, and the window's whole gradient
+    moves with it. So implementations are judged on the winners they chose (and separately on
+    those winners being maxima).
+    """
+    leaves = [None if t is None else _as64(t, device).requires_grad_()
+              for t in (x, weight, bias, multiplier)]
+    with torch.enable_grad():
+        values = activated(*leaves, stride, padding, output_padding, negative_slope)
+        index = window_index.to(values.device, torch.long).unsqueeze(-1)
+        picked = torch.gather(window_values(values), -1, index).squeeze(-1)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(picked, wanted, _as64(grad_y, values.device)))
+    return tuple(None if t is None else next(grads) for t in leaves)
