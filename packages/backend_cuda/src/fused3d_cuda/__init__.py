@@ -33,14 +33,6 @@ class CudaBackend(BackendBase):
     def __init__(self) -> None:
         super().__init__()
         self._library: torch.library.Library | None = None
-        self._unavailable: list[str] | None = None
-
-    def unavailable_reasons(self) -> list[str]:
-        # Asked on every call by backend selection; the answer cannot change within a process
-        # (the ninja check spawns a subprocess), so it is computed once.
-        if self._unavailable is None:
-            self._unavailable = self._find_unavailable_reasons()
-        return list(self._unavailable)
 
     def _find_unavailable_reasons(self) -> list[str]:
         reasons = []

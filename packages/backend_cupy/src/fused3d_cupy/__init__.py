@@ -37,18 +37,7 @@ class CupyBackend(BackendBase):
     )
     device_types = ("cuda",)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._unavailable: list[str] | None = None
-
-    def unavailable_reasons(self) -> list[str]:
-        # Core asks on every eager call; the answer (CuPy importable, a usable device) does not
-        # change within a process, and probing the driver each time cost ~10-20 us per call.
-        if self._unavailable is None:
-            self._unavailable = self._probe()
-        return list(self._unavailable)
-
-    def _probe(self) -> list[str]:
+    def _find_unavailable_reasons(self) -> list[str]:
         reasons = []
         try:
             import cupy

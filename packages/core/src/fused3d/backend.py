@@ -82,8 +82,17 @@ class BackendBase:
 
     def __init__(self) -> None:
         self._loaded = False
+        self._unavailable: list[str] | None = None
 
     def unavailable_reasons(self) -> list[str]:
+        # Probing a toolchain or the driver can cost a subprocess or a driver call, and the
+        # answer cannot change within a process: asked once, remembered.
+        if self._unavailable is None:
+            self._unavailable = list(self._find_unavailable_reasons())
+        return list(self._unavailable)
+
+    def _find_unavailable_reasons(self) -> list[str]:
+        """Override: why this backend cannot run on this machine (empty when usable)."""
         return []
 
     def unsupported_reasons(self, spec: CallSpec) -> list[str]:
