@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import sys
 
 import nox
 
@@ -37,6 +38,12 @@ def _in_venv(session: nox.Session) -> bool:
     return session.venv_backend != "none"
 
 
+def _python(session: nox.Session) -> str:
+    """The session's interpreter: the virtualenv's, or with ``--no-venv`` the one running nox
+    (a GPU image may have only ``python3`` on PATH)."""
+    return "python" if _in_venv(session) else sys.executable
+
+
 def _install(session: nox.Session, *args: str) -> None:
     """pip install, unless the session runs without a virtualenv (``--no-venv``)."""
     if _in_venv(session):
@@ -56,7 +63,7 @@ def _run_suite(session: nox.Session, backend: str) -> None:
     env = {"FUSED3D_BACKEND": backend}
     if backend == "triton" and not HAS_GPU:
         env["TRITON_INTERPRET"] = "1"  # run the real kernels on CPU tensors
-    code = session.run("python", "-m", "pytest", "tests", "-q", *session.posargs, env=env,
+    code = session.run(_python(session), "-m", "pytest", "tests", "-q", *session.posargs, env=env,
                        success_codes=[0, 5])
     if code == 5:  # pytest's "no tests collected": a run that proves nothing is a failure
         session.error(f"pytest collected no tests for backend {backend!r}")
@@ -101,11 +108,11 @@ def bench(session: nox.Session) -> None:
     """Benchmark every available backend against eager and torch.compile (args pass through)."""
     _bench_install(session)
     env = {} if HAS_GPU else {"TRITON_INTERPRET": "1"}
-    session.run("python", "-m", "fused3d.bench", *session.posargs, env=env)
+    session.run(_python(session), "-m", "fused3d.bench", *session.posargs, env=env)
 
 
 @nox.session
 def plots(session: nox.Session) -> None:
     """Draw the figures in plots/ from the measured data (no GPU needed)."""
     _install(session, "-e", "packages/core[plots]")
-    session.run("python", "-m", "fused3d.bench.plots", *session.posargs)
+    session.run(_python(session), "-m", "fused3d.bench.plots", *session.posargs)

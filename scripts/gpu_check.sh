@@ -10,7 +10,8 @@ backends=("$@"); [ ${#backends[@]} -gt 0 ] || backends=(reference cuda triton cu
 
 folders=(packages/core)
 for b in "${backends[@]}"; do [ -d "packages/backend_$b" ] && folders+=("packages/backend_$b"); done
-if ! python3 -m pip install -q --no-deps --no-build-isolation --no-index \
+if [ -n "${GPU_CHECK_NO_INSTALL:-}" ]; then :  # the caller installed them (parallel runs)
+elif ! python3 -m pip install -q --no-deps --no-build-isolation --no-index \
      $(printf -- '-e %s ' "${folders[@]}") >"$out/install.log" 2>&1; then
   echo "pip install failed (see $out/install.log)"; tail -5 "$out/install.log"; exit 1
 fi

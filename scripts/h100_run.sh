@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Measure and verify on a lent H100 in device calls of under 10 minutes each:
 #   FUSED3D_GIT_COMMIT=<sha> bash scripts/h100_run.sh bench    # ~6 min: the benchmark
-#   bash scripts/h100_run.sh suites                            # ~6 min: the suite per backend
+#   bash scripts/h100_run.sh suites                            # ~6 min: the suites, in parallel
+#   SUITE_BACKENDS="reference cuda" bash scripts/h100_run.sh suites   # some backends only
+#   bash scripts/h100_run.sh profile                           # ncu of the cuda/cupy kernels
+#   bash scripts/h100_run.sh nox                               # nox -s bench -- --quick, plots
+#     (nox from wheels in .whl/, carried; see plots/README.md)
 # bench: batch 16 with every implementation (torch.compile max-autotune included), all
 # precisions and modes; then batches 1, 4, 64 with TF32 (merged into the same file).
 # $OUT keeps at most three files (the device tool returns eight): bench_cuda.csv, .json and
@@ -29,12 +33,39 @@ case "$stage" in
       2>"$logs/bench-sweep.err" | tee "$logs/bench-sweep.txt"
     ;;
   suites)
-    for backend in reference cuda triton cupy; do  # pack after each: a cut run keeps its logs
-      OUT="$logs/$backend" SUITE_TIMEOUT=${SUITE_TIMEOUT:-130} bash scripts/gpu_check.sh "$backend" \
-        | tail -n 2
-      pack_logs
+    # One pytest process per backend, all at once (correctness only, no timings: sharing the
+    # GPU is harmless and the wall time is the slowest suite's, triton's kernel compiles).
+    for backend in ${SUITE_BACKENDS:-reference cuda triton cupy}; do
+      OUT="$logs/$backend" GPU_CHECK_NO_INSTALL=1 SUITE_TIMEOUT=${SUITE_TIMEOUT:-500} \
+        bash scripts/gpu_check.sh "$backend" >"$logs/gpu-check-$backend.txt" 2>&1 &
+    done
+    wait
+    cat "$logs"/gpu-check-*.txt | grep -E "^(FAILED|ERROR)" | head -n 30
+    echo "== suite summary =="; cat "$logs"/gpu-check-*.txt | grep -E " exit "
+    ;;
+  profile)
+    # Hardware counters of one training step per backend and precision (clocks left alone).
+    sections=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+              --section SchedulerStats --section WarpStateStats --section Occupancy --section LaunchStats)
+    for backend in ${PROFILE_BACKENDS:-cuda cupy}; do
+      for tf32 in on off; do
+        timeout 150 ncu --clock-control none -k regex:'parity|general' --launch-skip 5 --launch-count 5 \
+          "${sections[@]}" python3 scripts/profile_step.py "$backend" --tf32 "$tf32" \
+          >"$logs/ncu-$backend-tf32$tf32.txt" 2>&1
+        grep -E "^  [a-z_:<>, 0-9A-Z]+\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Registers Per|Achieved Occupancy|No Eligible|Issue Slots Busy" \
+          "$logs/ncu-$backend-tf32$tf32.txt" | head -n 60
+        pack_logs
+      done
     done
     ;;
-  *) echo "usage: $0 bench|suites" >&2; exit 2 ;;
+  nox)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nox-site .whl/*.whl \
+      >"$logs/nox-install.log" 2>&1 || { tail -3 "$logs/nox-install.log"; pack_logs; exit 1; }
+    export PYTHONPATH=/tmp/nox-site${PYTHONPATH:+:$PYTHONPATH}
+    python3 -m nox --no-venv -s bench -- --quick --out "$logs/quick" 2>&1 | tee "$logs/nox-bench.txt" | tail -n 25
+    python3 -m nox --no-venv -s plots -- --data "$logs/quick/bench_cuda_quick.csv" \
+      2>&1 | tee "$logs/nox-plots.txt" | tail -n 8
+    ;;
+  *) echo "usage: $0 bench|suites|profile|nox" >&2; exit 2 ;;
 esac
 pack_logs
