@@ -3,6 +3,7 @@
 # torch (and triton / cupy): installs the packages in place without touching any registry.
 #   scripts/gpu_check.sh [backend ...]        (default: reference cuda triton cupy)
 # Logs and JUnit XML go to $OUT (or ./gpu-check-logs); a summary table prints last.
+# SUITE_TESTS picks test files or node ids (default: tests), SUITE_TIMEOUT limits each run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check-logs}; mkdir -p "$out"
@@ -20,7 +21,7 @@ python3 -m fused3d info | tee "$out/info.txt"
 summary=()
 for b in "${backends[@]}"; do
   log="$out/suite-$b.log"
-  FUSED3D_BACKEND=$b timeout "${SUITE_TIMEOUT:-900}" python3 -m pytest tests -q -p no:cacheprovider \
+  FUSED3D_BACKEND=$b timeout "${SUITE_TIMEOUT:-900}" python3 -m pytest ${SUITE_TESTS:-tests} -q -p no:cacheprovider \
       --junitxml="$out/suite-$b.xml" >"$log" 2>&1
   code=$?
   summary+=("$(printf '%-10s exit %-3s %s' "$b" "$code" "$(tail -n 1 "$log")")")

@@ -137,10 +137,10 @@ def _store_dw_tap(part_ptr, acc, ci, ci_mask, co, co_mask, C_out, TAP: tl.conste
 def gen_forward():
     lines = ['''
 
-@triton.jit(do_not_specialize=["slope_bits"])
+@triton.jit
 def parity_forward_kernel(
     x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, idx_ptr,
-    N, C_in, C_out, D, H, W, m_stride, slope_bits,
+    N, C_in, C_out, D, H, W, m_stride, negative_slope,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
@@ -152,7 +152,7 @@ def parity_forward_kernel(
     ci_mask = ci < C_in
     co = tl.arange(0, BLOCK_CO)
     co_mask = co < C_out
-    slope = _slope(slope_bits, False)
+    slope = _slope(negative_slope, m_ptr, False)  # m_ptr: unused (not float64)
     bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
 ''']
     for k in TAPS:
@@ -186,10 +186,10 @@ def parity_forward_kernel(
 def gen_backward():
     lines = ['''
 
-@triton.jit(do_not_specialize=["slope_bits"])
+@triton.jit
 def parity_backward_kernel(
     gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, dw_part_ptr, db_part_ptr, dm_part_ptr,
-    N, C_in, C_out, D, H, W, m_stride, slope_bits,
+    N, C_in, C_out, D, H, W, m_stride, negative_slope,
     HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DW: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
@@ -205,7 +205,7 @@ def parity_backward_kernel(
     ci_mask = ci < C_in
     co = tl.arange(0, BLOCK_CO)
     co_mask = co < C_out
-    slope = _slope(slope_bits, False)
+    slope = _slope(negative_slope, m_ptr, False)  # m_ptr: unused (not float64)
     bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
 ''']
     for k in TAPS:

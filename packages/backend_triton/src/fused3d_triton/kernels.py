@@ -31,14 +31,14 @@ _INTERPRETER_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
-def _slope(slope_bits, IS_FP64: tl.constexpr):
-    # The slope travels as the int64 bit pattern of the float64 value: a plain float argument
-    # would be rounded to float32, which the float64 path must not do.
-    slope64 = slope_bits.to(tl.int64).to(tl.float64, bitcast=True)
+def _slope(negative_slope, slope_ptr, IS_FP64: tl.constexpr):
+    # float64 reads the slope from a one-element float64 tensor: a float argument is rounded
+    # to float32, and an int64 bit pattern breaks torch.compile (inductor's 32-bit check fails
+    # on ints above 2**31). The other dtypes compute in float32, as PyTorch's leaky_relu does.
     if IS_FP64:
-        slope = slope64
+        slope = tl.load(slope_ptr)
     else:
-        slope = slope64.to(tl.float32)
+        slope = tl.full((), negative_slope, tl.float32)
     return slope
 
 
@@ -153,12 +153,12 @@ def _general_window_z(
     return acc
 
 
-@triton.jit(do_not_specialize=["slope_bits"])
+@triton.jit
 def general_forward_kernel(
     x_ptr, w_ptr, b_ptr, m_ptr, y_ptr, idx_ptr,
     P_total, C_in, C_out, D, H, W, Dp, Hp, Wp,
     KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
-    m_stride, slope_bits,
+    m_stride, negative_slope, slope_ptr,
     HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
@@ -176,7 +176,7 @@ def general_forward_kernel(
     pw = s % Wp
     n64 = n.to(tl.int64)
     x_base = n64 * C_in * (D * H * W)
-    slope = _slope(slope_bits, IS_FP64)
+    slope = _slope(negative_slope, slope_ptr, IS_FP64)
     bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
 
     # Max-pool scan in index order (d, h, w) with PyTorch's rule: update when best < v or
@@ -202,12 +202,12 @@ def general_forward_kernel(
     tl.store(idx_ptr + out, best_index.to(tl.uint8), mask=mask)
 
 
-@triton.jit(do_not_specialize=["slope_bits"])
+@triton.jit
 def general_dz_kernel(
     gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, db_part_ptr, dm_part_ptr,
     P_total, C_in, C_out, D, H, W, Dp, Hp, Wp,
     KD, KH, KW, SD, SH, SW, PAD_D, PAD_H, PAD_W,
-    m_stride, slope_bits,
+    m_stride, negative_slope, slope_ptr,
     HAS_BIAS: tl.constexpr, IS_FP64: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
@@ -230,7 +230,7 @@ def general_dz_kernel(
     pw = s % Wp
     n64 = n.to(tl.int64)
     x_base = n64 * C_in * (D * H * W)
-    slope = _slope(slope_bits, IS_FP64)
+    slope = _slope(negative_slope, slope_ptr, IS_FP64)
     bias, mult = _channel_params(b_ptr, m_ptr, offs_co, co_mask, m_stride, slope, HAS_BIAS)
 
     out = (n64 * C_out * pooled + s)[:, None] + offs_co[None, :] * pooled
