@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--backends", default="cuda,cupy,triton")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--cprofile", default=None, metavar="BACKEND",
+                        help="also print cProfile's top entries for 200 training steps at batch 1")
     args = parser.parse_args()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
@@ -84,6 +86,21 @@ def main() -> None:
                 continue
             for mode, run in make(backend, batch).items():
                 rows.append((backend or "eager", batch, mode, *measure(run, args.reps, flush)))
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        step = make(args.cprofile, 1)["forward+backward"]
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(200):
+            step()
+        torch.cuda.synchronize()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     print(f"\n{'impl':8} {'batch':>5} {'mode':17} {'event_ms':>9} {'host_ms':>8} {'kernel_ms':>9}")
     for impl, batch, mode, event_ms, host_ms, kernel_ms in rows:
         print(f"{impl:8} {batch:5d} {mode:17} {event_ms:9.3f} {host_ms:8.3f} {kernel_ms:9.3f}")
