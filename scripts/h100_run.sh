@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measure and verify on a lent H100 in device calls of under 10 minutes each:
-#   FUSED3D_GIT_COMMIT=<sha> bash scripts/h100_run.sh bench    # ~6 min: the benchmark
+#   FUSED3D_GIT_COMMIT=<sha> bash scripts/h100_run.sh bench    # ~12 min: split with BENCH_PARTS
 #   bash scripts/h100_run.sh suites                            # ~6 min: the suites, in parallel
 #   SUITE_BACKENDS="reference cuda" bash scripts/h100_run.sh suites   # some backends only
 #   bash scripts/h100_run.sh profile                           # ncu of the cuda/cupy kernels
@@ -24,13 +24,26 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 
 case "$stage" in
   bench)
-    main_s=${BENCH_MAIN_S:-330}; sweep_s=${BENCH_SWEEP_S:-180}
-    timeout -s INT "$main_s" python3 -m fused3d.bench --out "$out" --batches 16 \
-      --time-budget "$((main_s - 40))" 2>"$logs/bench-main.err" | tee "$logs/bench-main.txt"
-    pack_logs
-    timeout -s INT "$sweep_s" python3 -m fused3d.bench --out "$out" --batches 1,4,64 \
-      --precisions tf32 --baselines eager,compile --merge --time-budget "$((sweep_s - 30))" \
-      2>"$logs/bench-sweep.err" | tee "$logs/bench-sweep.txt"
+    # Parts (BENCH_PARTS, default all three; each merges into bench_cuda.csv after the first):
+    #   main: batch 16, TF32, every implementation incl. torch.compile max-autotune;
+    #   precisions: batch 16, IEEE fp32 and bf16, eager and torch.compile as baselines;
+    #   sweep: batches 1, 4, 64, TF32, eager and torch.compile as baselines.
+    merge=()
+    for part in ${BENCH_PARTS:-main precisions sweep}; do
+      case "$part" in
+        main) part_args=(--batches 16 --precisions tf32); budget=${BENCH_MAIN_S:-280} ;;
+        precisions) part_args=(--batches 16 --precisions fp32,bf16 --baselines eager,compile)
+                    budget=${BENCH_PRECISIONS_S:-250} ;;
+        sweep) part_args=(--batches 1,4,64 --precisions tf32 --baselines eager,compile)
+               budget=${BENCH_SWEEP_S:-200} ;;
+        *) echo "unknown bench part $part" >&2; exit 2 ;;
+      esac
+      timeout -s INT "$budget" python3 -m fused3d.bench --out "$out" "${part_args[@]}" "${merge[@]}" \
+        --time-budget "$((budget - 40))" 2>"$logs/bench-$part.err" | tee "$logs/bench-$part.txt" \
+        | tail -n 30
+      merge=(--merge)
+      pack_logs
+    done
     ;;
   suites)
     # One pytest process per backend, all at once (correctness only, no timings: sharing the
