@@ -85,7 +85,7 @@ case "$stage" in
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nox-site .whl/*.whl \
       >"$logs/nox-install.log" 2>&1 || { tail -3 "$logs/nox-install.log"; pack_logs; exit 1; }
     export PYTHONPATH=/tmp/nox-site${PYTHONPATH:+:$PYTHONPATH}
-    python3 -m nox --no-venv -s bench -- --quick --out "$logs/quick" 2>&1 | tee "$logs/nox-bench.txt" | tail -n 25
+    timeout -s INT 330 python3 -m nox --no-venv -s bench -- --quick --out "$logs/quick" 2>&1 | tee "$logs/nox-bench.txt" | tail -n 25
     python3 -m nox --no-venv -s plots -- --data "$logs/quick/bench_cuda_quick.csv" \
       2>&1 | tee "$logs/nox-plots.txt" | tail -n 8
     ;;

@@ -704,8 +704,8 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
         prog="python -m fused3d.bench",
         description="Time eager Model, torch.compile and every fused3d backend in one process.")
     parser.add_argument("--quick", action="store_true",
-                        help="batch 16 only (CPU: 2), fewer reps, no max-autotune; writes "
-                             "<stem>_quick.* unless --name is given")
+                        help="batch 16 only (CPU: 2), TF32 only on a GPU, fewer reps, no "
+                             "max-autotune; writes <stem>_quick.* unless --name is given")
     parser.add_argument("--out", type=Path, default=Path("plots"),
                         help="folder for the CSV/JSON (default: plots)")
     parser.add_argument("--name", default=None,
@@ -762,8 +762,12 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
     if any(b < 1 for b in batches):
         parser.error("--batches: each batch must be >= 1")
 
-    precision_names = (_csv_list(args.precisions) if args.precisions
-                       else DEFAULT_PRECISIONS[device.type])
+    if args.precisions:
+        precision_names = _csv_list(args.precisions)
+    elif args.quick and not on_cpu:
+        precision_names = ["tf32"]  # the headline precision; IEEE fp32 backwards take minutes
+    else:
+        precision_names = DEFAULT_PRECISIONS[device.type]
     unknown = [p for p in precision_names if p not in PRECISIONS]
     if unknown:
         parser.error(f"--precisions: unknown {unknown}; choose from {', '.join(PRECISIONS)}")
