@@ -7,6 +7,7 @@ For each backend (and eager fused3d.Model) and mode, with TF32 allowed:
   host_ms    wall time for the host to return from the call (no synchronize);
   kernel_ms  sum of the GPU kernel durations of one call (torch.profiler).
 When event_ms is close to host_ms and well above kernel_ms, the host bounds the call.
+An H100 run of it is in plots/host_overhead_h100.txt.
 """
 
 from __future__ import annotations

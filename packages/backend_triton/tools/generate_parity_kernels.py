@@ -64,7 +64,7 @@ images, so x / y / dz accesses are contiguous along the block.
 import triton
 import triton.language as tl
 
-from .kernels import _channel_params, _dot, _leaky, _leaky_grad, _slope
+from .kernels import _as_tf32, _channel_params, _dot, _leaky, _leaky_grad, _slope
 
 
 @triton.jit
@@ -156,7 +156,7 @@ def parity_forward_kernel(
     bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
 ''']
     for k in TAPS:
-        lines.append(f"    {tap_name(k)} = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)})\n")
+        lines.append(f"    {tap_name(k)} = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)}), PRECISION)\n")
     lines.append('''
     for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
         n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
@@ -164,8 +164,8 @@ def parity_forward_kernel(
         x_row = n64 * C_in * spatial + s
 ''')
     for o in OFFSETS:
-        lines.append(f"        {off_name(o)} = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, "
-                     f"spatial, D, H, W,\n{' ' * 12}{o[0]}, {o[1]}, {o[2]})\n")
+        lines.append(f"        {off_name(o)} = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, "
+                     f"spatial, D, H, W,\n{' ' * 12}{o[0]}, {o[1]}, {o[2]}), PRECISION)\n")
     lines.append('''        best = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32) - float("inf")
         best_index = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.int32)
 ''')
@@ -209,7 +209,7 @@ def parity_backward_kernel(
     bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
 ''']
     for k in TAPS:
-        lines.append(f"    {tap_name(k)} = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)})\n")
+        lines.append(f"    {tap_name(k)} = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)}), PRECISION)\n")
     for k in TAPS:
         lines.append(f"    d{tap_name(k)} = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)\n")
     lines.append('''    db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
@@ -225,8 +225,8 @@ def parity_backward_kernel(
         winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
 ''')
     for o in OFFSETS:
-        lines.append(f"        {off_name(o)} = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, "
-                     f"spatial, D, H, W,\n{' ' * 12}{o[0]}, {o[1]}, {o[2]})\n")
+        lines.append(f"        {off_name(o)} = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, "
+                     f"spatial, D, H, W,\n{' ' * 12}{o[0]}, {o[1]}, {o[2]}), PRECISION)\n")
     lines.append("        dz = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)\n")
     lines.append("        dm = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)\n")
     for c in range(8):
@@ -237,8 +237,9 @@ def parity_backward_kernel(
         lines.append(f"        dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, {c})\n")
         lines.append("        dz += dz_c\n        dm += dm_c\n")
         lines.append("        if COMPUTE_DW:\n")
+        lines.append("            dz_operand = _as_tf32(dz_c, PRECISION)\n")
         for k in taps:
-            lines.append(f"            d{tap_name(k)} = _dot(tl.trans({off_name(tap_offset(k))}.to(tl.float32)), dz_c, "
+            lines.append(f"            d{tap_name(k)} = _dot(tl.trans({off_name(tap_offset(k))}.to(tl.float32)), dz_operand, "
                          f"d{tap_name(k)}, PRECISION)\n")
     lines.append('''        if STORE_DZ:
             tl.store(dz_ptr + out, dz, mask=mask)
@@ -275,7 +276,7 @@ def parity_dx_kernel(
     co_mask = co < C_out
 ''']
     for k in TAPS:
-        lines.append(f"    {tap_name(k)} = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)})\n")
+        lines.append(f"    {tap_name(k)} = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)}), PRECISION)\n")
     lines.append('''
     for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
         n64, s, q_mask, q_d, q_h, q_w = _image_block(block, blocks_per_image, spatial, H, W,
@@ -284,8 +285,11 @@ def parity_dx_kernel(
 ''')
     for o in OFFSETS:
         for kind, ptr, other, conv in (("g", "dz_ptr", "0.0", ""), ("i", "idx_ptr", "8", ".to(tl.int32)")):
-            lines.append(f"        {off_name(o, kind)} = _dz_tile({ptr}, row, q_d, q_h, q_w, q_mask, co, co_mask, "
-                         f"spatial, H, W,\n{' ' * 12}{other}, {o[0]}, {o[1]}, {o[2]}){conv}\n")
+            load = (f"_dz_tile({ptr}, row, q_d, q_h, q_w, q_mask, co, co_mask, "
+                    f"spatial, H, W,\n{' ' * 12}{other}, {o[0]}, {o[1]}, {o[2]}){conv}")
+            if kind == "g":
+                load = f"_as_tf32({load}, PRECISION)"
+            lines.append(f"        {off_name(o, kind)} = {load}\n")
     lines.append("        acc = tl.zeros([BLOCK_M, BLOCK_CI], dtype=tl.float32)\n")
     for k in TAPS:
         o = tap_offset(k)

@@ -71,16 +71,22 @@ def _round_tf32(v):
 
 
 @triton.jit
+def _as_tf32(v, PRECISION: tl.constexpr):
+    """v rounded to TF32 when the dots run in TF32 and v is fp32 (else v itself). Round each
+    operand once, where it is loaded or made, not at every dot that reads it."""
+    if PRECISION == "tf32":
+        if v.dtype == tl.float32:
+            v = _round_tf32(v)
+    return v
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b with fp32 accumulation (acc may be None)."""
+    """acc + a @ b with fp32 accumulation (acc may be None). With PRECISION "tf32", fp32
+    operands must come through _as_tf32 first: the tensor cores would truncate them."""
     if _INTERPRETER_DOT:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        if PRECISION == "tf32":
-            if a.dtype == tl.float32:
-                a = _round_tf32(a)
-            if b.dtype == tl.float32:
-                b = _round_tf32(b)
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
 
@@ -91,7 +97,7 @@ def _mma(acc, a, b, IS_FP64: tl.constexpr, PRECISION: tl.constexpr):
     if IS_FP64:
         acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
     else:
-        acc = _dot(a, b, acc, PRECISION)
+        acc = _dot(_as_tf32(a, PRECISION), _as_tf32(b, PRECISION), acc, PRECISION)
     return acc
 
 
@@ -171,7 +177,7 @@ def _general_window_z(
             acc += tl.sum(tl.where(valid[:, :, None], a[:, :, None] * b[None, :, :], 0.0),
                           axis=1)
         else:
-            acc = _dot(a, b, acc, PRECISION)
+            acc = _dot(_as_tf32(a, PRECISION), _as_tf32(b, PRECISION), acc, PRECISION)
     return acc
 
 

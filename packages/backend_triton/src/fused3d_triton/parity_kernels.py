@@ -16,7 +16,7 @@ images, so x / y / dz accesses are contiguous along the block.
 import triton
 import triton.language as tl
 
-from .kernels import _channel_params, _dot, _leaky, _leaky_grad, _slope
+from .kernels import _as_tf32, _channel_params, _dot, _leaky, _leaky_grad, _slope
 
 
 @triton.jit
@@ -102,54 +102,54 @@ def parity_forward_kernel(
     co_mask = co < C_out
     slope = _slope(negative_slope, m_ptr, False)  # m_ptr: unused (not float64)
     bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
-    w_000 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 0)
-    w_001 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 1)
-    w_002 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 2)
-    w_010 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 3)
-    w_011 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 4)
-    w_012 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 5)
-    w_020 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 6)
-    w_021 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 7)
-    w_022 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 8)
-    w_100 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 9)
-    w_101 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 10)
-    w_102 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 11)
-    w_110 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 12)
-    w_111 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 13)
-    w_112 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 14)
-    w_120 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 15)
-    w_121 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 16)
-    w_122 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 17)
-    w_200 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 18)
-    w_201 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 19)
-    w_202 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 20)
-    w_210 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 21)
-    w_211 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 22)
-    w_212 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 23)
-    w_220 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 24)
-    w_221 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 25)
-    w_222 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 26)
+    w_000 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 0), PRECISION)
+    w_001 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 1), PRECISION)
+    w_002 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 2), PRECISION)
+    w_010 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 3), PRECISION)
+    w_011 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 4), PRECISION)
+    w_012 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 5), PRECISION)
+    w_020 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 6), PRECISION)
+    w_021 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 7), PRECISION)
+    w_022 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 8), PRECISION)
+    w_100 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 9), PRECISION)
+    w_101 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 10), PRECISION)
+    w_102 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 11), PRECISION)
+    w_110 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 12), PRECISION)
+    w_111 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 13), PRECISION)
+    w_112 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 14), PRECISION)
+    w_120 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 15), PRECISION)
+    w_121 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 16), PRECISION)
+    w_122 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 17), PRECISION)
+    w_200 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 18), PRECISION)
+    w_201 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 19), PRECISION)
+    w_202 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 20), PRECISION)
+    w_210 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 21), PRECISION)
+    w_211 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 22), PRECISION)
+    w_212 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 23), PRECISION)
+    w_220 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 24), PRECISION)
+    w_221 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 25), PRECISION)
+    w_222 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 26), PRECISION)
 
     for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
         n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
                                                      BLOCK_M)
         x_row = n64 * C_in * spatial + s
-        x000 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 0, 0)
-        x001 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 0, 1)
-        x010 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 1, 0)
-        x011 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 1, 1)
-        x100 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 0, 0)
-        x101 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 0, 1)
-        x110 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 1, 0)
-        x111 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 1, 1)
+        x000 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 0, 0), PRECISION)
+        x001 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 0, 1), PRECISION)
+        x010 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 1, 0), PRECISION)
+        x011 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 1, 1), PRECISION)
+        x100 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 0, 0), PRECISION)
+        x101 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 0, 1), PRECISION)
+        x110 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 1, 0), PRECISION)
+        x111 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 1, 1), PRECISION)
         best = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32) - float("inf")
         best_index = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.int32)
         z = _dot(x000, w_111, None, PRECISION)
@@ -214,33 +214,33 @@ def parity_backward_kernel(
     co_mask = co < C_out
     slope = _slope(negative_slope, m_ptr, False)  # m_ptr: unused (not float64)
     bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
-    w_000 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 0)
-    w_001 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 1)
-    w_002 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 2)
-    w_010 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 3)
-    w_011 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 4)
-    w_012 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 5)
-    w_020 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 6)
-    w_021 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 7)
-    w_022 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 8)
-    w_100 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 9)
-    w_101 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 10)
-    w_102 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 11)
-    w_110 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 12)
-    w_111 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 13)
-    w_112 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 14)
-    w_120 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 15)
-    w_121 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 16)
-    w_122 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 17)
-    w_200 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 18)
-    w_201 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 19)
-    w_202 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 20)
-    w_210 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 21)
-    w_211 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 22)
-    w_212 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 23)
-    w_220 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 24)
-    w_221 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 25)
-    w_222 = _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 26)
+    w_000 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 0), PRECISION)
+    w_001 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 1), PRECISION)
+    w_002 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 2), PRECISION)
+    w_010 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 3), PRECISION)
+    w_011 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 4), PRECISION)
+    w_012 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 5), PRECISION)
+    w_020 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 6), PRECISION)
+    w_021 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 7), PRECISION)
+    w_022 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 8), PRECISION)
+    w_100 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 9), PRECISION)
+    w_101 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 10), PRECISION)
+    w_102 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 11), PRECISION)
+    w_110 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 12), PRECISION)
+    w_111 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 13), PRECISION)
+    w_112 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 14), PRECISION)
+    w_120 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 15), PRECISION)
+    w_121 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 16), PRECISION)
+    w_122 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 17), PRECISION)
+    w_200 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 18), PRECISION)
+    w_201 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 19), PRECISION)
+    w_202 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 20), PRECISION)
+    w_210 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 21), PRECISION)
+    w_211 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 22), PRECISION)
+    w_212 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 23), PRECISION)
+    w_220 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 24), PRECISION)
+    w_221 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 25), PRECISION)
+    w_222 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 26), PRECISION)
     dw_000 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
     dw_001 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
     dw_002 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
@@ -279,22 +279,22 @@ def parity_backward_kernel(
         mask = m_mask[:, None] & co_mask[None, :]
         g = tl.load(gy_ptr + out, mask=mask, other=0.0).to(tl.float32)
         winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
-        x000 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 0, 0)
-        x001 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 0, 1)
-        x010 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 1, 0)
-        x011 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            0, 1, 1)
-        x100 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 0, 0)
-        x101 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 0, 1)
-        x110 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 1, 0)
-        x111 = _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
-            1, 1, 1)
+        x000 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 0, 0), PRECISION)
+        x001 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 0, 1), PRECISION)
+        x010 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 1, 0), PRECISION)
+        x011 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            0, 1, 1), PRECISION)
+        x100 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 0, 0), PRECISION)
+        x101 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 0, 1), PRECISION)
+        x110 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 1, 0), PRECISION)
+        x111 = _as_tf32(_x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
+            1, 1, 1), PRECISION)
         dz = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
         dm = tl.zeros([BLOCK_M, BLOCK_CO], dtype=tl.float32)
         z = _dot(x000, w_111, None, PRECISION)
@@ -302,23 +302,26 @@ def parity_backward_kernel(
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_111 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_111, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_111 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_111, PRECISION)
         z = _dot(x001, w_110, None, PRECISION)
         z = _dot(x000, w_112, z, PRECISION)
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 1)
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_110 = _dot(tl.trans(x001.to(tl.float32)), dz_c, dw_110, PRECISION)
-            dw_112 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_112, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_110 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_110, PRECISION)
+            dw_112 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_112, PRECISION)
         z = _dot(x010, w_101, None, PRECISION)
         z = _dot(x000, w_121, z, PRECISION)
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 2)
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_101 = _dot(tl.trans(x010.to(tl.float32)), dz_c, dw_101, PRECISION)
-            dw_121 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_121, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_101 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_101, PRECISION)
+            dw_121 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_121, PRECISION)
         z = _dot(x011, w_100, None, PRECISION)
         z = _dot(x010, w_102, z, PRECISION)
         z = _dot(x001, w_120, z, PRECISION)
@@ -327,18 +330,20 @@ def parity_backward_kernel(
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_100 = _dot(tl.trans(x011.to(tl.float32)), dz_c, dw_100, PRECISION)
-            dw_102 = _dot(tl.trans(x010.to(tl.float32)), dz_c, dw_102, PRECISION)
-            dw_120 = _dot(tl.trans(x001.to(tl.float32)), dz_c, dw_120, PRECISION)
-            dw_122 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_122, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_100 = _dot(tl.trans(x011.to(tl.float32)), dz_operand, dw_100, PRECISION)
+            dw_102 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_102, PRECISION)
+            dw_120 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_120, PRECISION)
+            dw_122 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_122, PRECISION)
         z = _dot(x100, w_011, None, PRECISION)
         z = _dot(x000, w_211, z, PRECISION)
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 4)
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_011 = _dot(tl.trans(x100.to(tl.float32)), dz_c, dw_011, PRECISION)
-            dw_211 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_211, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_011 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_011, PRECISION)
+            dw_211 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_211, PRECISION)
         z = _dot(x101, w_010, None, PRECISION)
         z = _dot(x100, w_012, z, PRECISION)
         z = _dot(x001, w_210, z, PRECISION)
@@ -347,10 +352,11 @@ def parity_backward_kernel(
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_010 = _dot(tl.trans(x101.to(tl.float32)), dz_c, dw_010, PRECISION)
-            dw_012 = _dot(tl.trans(x100.to(tl.float32)), dz_c, dw_012, PRECISION)
-            dw_210 = _dot(tl.trans(x001.to(tl.float32)), dz_c, dw_210, PRECISION)
-            dw_212 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_212, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_010 = _dot(tl.trans(x101.to(tl.float32)), dz_operand, dw_010, PRECISION)
+            dw_012 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_012, PRECISION)
+            dw_210 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_210, PRECISION)
+            dw_212 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_212, PRECISION)
         z = _dot(x110, w_001, None, PRECISION)
         z = _dot(x100, w_021, z, PRECISION)
         z = _dot(x010, w_201, z, PRECISION)
@@ -359,10 +365,11 @@ def parity_backward_kernel(
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_001 = _dot(tl.trans(x110.to(tl.float32)), dz_c, dw_001, PRECISION)
-            dw_021 = _dot(tl.trans(x100.to(tl.float32)), dz_c, dw_021, PRECISION)
-            dw_201 = _dot(tl.trans(x010.to(tl.float32)), dz_c, dw_201, PRECISION)
-            dw_221 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_221, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_001 = _dot(tl.trans(x110.to(tl.float32)), dz_operand, dw_001, PRECISION)
+            dw_021 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_021, PRECISION)
+            dw_201 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_201, PRECISION)
+            dw_221 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_221, PRECISION)
         z = _dot(x111, w_000, None, PRECISION)
         z = _dot(x110, w_002, z, PRECISION)
         z = _dot(x101, w_020, z, PRECISION)
@@ -375,14 +382,15 @@ def parity_backward_kernel(
         dz += dz_c
         dm += dm_c
         if COMPUTE_DW:
-            dw_000 = _dot(tl.trans(x111.to(tl.float32)), dz_c, dw_000, PRECISION)
-            dw_002 = _dot(tl.trans(x110.to(tl.float32)), dz_c, dw_002, PRECISION)
-            dw_020 = _dot(tl.trans(x101.to(tl.float32)), dz_c, dw_020, PRECISION)
-            dw_022 = _dot(tl.trans(x100.to(tl.float32)), dz_c, dw_022, PRECISION)
-            dw_200 = _dot(tl.trans(x011.to(tl.float32)), dz_c, dw_200, PRECISION)
-            dw_202 = _dot(tl.trans(x010.to(tl.float32)), dz_c, dw_202, PRECISION)
-            dw_220 = _dot(tl.trans(x001.to(tl.float32)), dz_c, dw_220, PRECISION)
-            dw_222 = _dot(tl.trans(x000.to(tl.float32)), dz_c, dw_222, PRECISION)
+            dz_operand = _as_tf32(dz_c, PRECISION)
+            dw_000 = _dot(tl.trans(x111.to(tl.float32)), dz_operand, dw_000, PRECISION)
+            dw_002 = _dot(tl.trans(x110.to(tl.float32)), dz_operand, dw_002, PRECISION)
+            dw_020 = _dot(tl.trans(x101.to(tl.float32)), dz_operand, dw_020, PRECISION)
+            dw_022 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_022, PRECISION)
+            dw_200 = _dot(tl.trans(x011.to(tl.float32)), dz_operand, dw_200, PRECISION)
+            dw_202 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_202, PRECISION)
+            dw_220 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_220, PRECISION)
+            dw_222 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_222, PRECISION)
         if STORE_DZ:
             tl.store(dz_ptr + out, dz, mask=mask)
         db_acc += tl.sum(dz, axis=0)
@@ -436,68 +444,68 @@ def parity_dx_kernel(
     ci_mask = ci < C_in
     co = tl.arange(0, BLOCK_CO)
     co_mask = co < C_out
-    w_000 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 0)
-    w_001 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 1)
-    w_002 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 2)
-    w_010 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 3)
-    w_011 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 4)
-    w_012 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 5)
-    w_020 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 6)
-    w_021 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 7)
-    w_022 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 8)
-    w_100 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 9)
-    w_101 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 10)
-    w_102 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 11)
-    w_110 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 12)
-    w_111 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 13)
-    w_112 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 14)
-    w_120 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 15)
-    w_121 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 16)
-    w_122 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 17)
-    w_200 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 18)
-    w_201 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 19)
-    w_202 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 20)
-    w_210 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 21)
-    w_211 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 22)
-    w_212 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 23)
-    w_220 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 24)
-    w_221 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 25)
-    w_222 = _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 26)
+    w_000 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 0), PRECISION)
+    w_001 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 1), PRECISION)
+    w_002 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 2), PRECISION)
+    w_010 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 3), PRECISION)
+    w_011 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 4), PRECISION)
+    w_012 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 5), PRECISION)
+    w_020 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 6), PRECISION)
+    w_021 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 7), PRECISION)
+    w_022 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 8), PRECISION)
+    w_100 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 9), PRECISION)
+    w_101 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 10), PRECISION)
+    w_102 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 11), PRECISION)
+    w_110 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 12), PRECISION)
+    w_111 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 13), PRECISION)
+    w_112 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 14), PRECISION)
+    w_120 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 15), PRECISION)
+    w_121 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 16), PRECISION)
+    w_122 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 17), PRECISION)
+    w_200 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 18), PRECISION)
+    w_201 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 19), PRECISION)
+    w_202 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 20), PRECISION)
+    w_210 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 21), PRECISION)
+    w_211 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 22), PRECISION)
+    w_212 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 23), PRECISION)
+    w_220 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 24), PRECISION)
+    w_221 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 25), PRECISION)
+    w_222 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 26), PRECISION)
 
     for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
         n64, s, q_mask, q_d, q_h, q_w = _image_block(block, blocks_per_image, spatial, H, W,
                                                      BLOCK_M)
         row = n64 * C_out * spatial + s
-        g000 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 0, 0)
+        g000 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 0, 0, 0), PRECISION)
         i000 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 0, 0, 0).to(tl.int32)
-        g001 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 0, 1)
+        g001 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 0, 0, 1), PRECISION)
         i001 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 0, 0, 1).to(tl.int32)
-        g010 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 1, 0)
+        g010 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 0, 1, 0), PRECISION)
         i010 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 0, 1, 0).to(tl.int32)
-        g011 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 1, 1)
+        g011 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 0, 1, 1), PRECISION)
         i011 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 0, 1, 1).to(tl.int32)
-        g100 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 0, 0)
+        g100 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 1, 0, 0), PRECISION)
         i100 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 1, 0, 0).to(tl.int32)
-        g101 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 0, 1)
+        g101 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 1, 0, 1), PRECISION)
         i101 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 1, 0, 1).to(tl.int32)
-        g110 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 1, 0)
+        g110 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 1, 1, 0), PRECISION)
         i110 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 1, 1, 0).to(tl.int32)
-        g111 = _dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 1, 1)
+        g111 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
+            0.0, 1, 1, 1), PRECISION)
         i111 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
             8, 1, 1, 1).to(tl.int32)
         acc = tl.zeros([BLOCK_M, BLOCK_CI], dtype=tl.float32)
