@@ -1,4 +1,5 @@
-"""The backend's torch-free CUDA sources compile with nvcc for sm_90, with no register spills.
+"""The backend's kernel sources: CUDA C++ compiles with nvcc for sm_90 without register
+spills; generated Triton kernels match their generator.
 
 Runs wherever nvcc exists (CI has it, no GPU needed); the report shows registers per kernel.
 """
@@ -38,3 +39,22 @@ def test_kernel_sources_compile_for_sm90_without_spills(backend_name, tmp_path):
         assert functions, f"{source.name}: no kernel was instantiated, nothing to check"
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
         assert not any(spills), f"{source.name} spills registers:\n{report}"
+
+
+def test_generated_triton_kernels_match_their_generator(backend_name):
+    """parity_kernels.py is written by tools/generate_parity_kernels.py: an edit to one side
+    only (by hand, or a generator change not rerun) would ship kernels nobody generated."""
+    if backend_name != "triton":
+        pytest.skip("the generated kernels belong to the triton backend: checked in its session")
+    import importlib.util
+    from pathlib import Path
+
+    tool = (Path(__file__).resolve().parents[1] / "packages" / "backend_triton" / "tools"
+            / "generate_parity_kernels.py")
+    spec = importlib.util.spec_from_file_location("generate_parity_kernels", tool)
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert generator.TARGET.read_text() == generator.render(), (
+        f"{generator.TARGET} differs from what {tool.name} writes: edit the generator and run "
+        f"`python {tool.relative_to(Path(__file__).resolve().parents[1])}`"
+    )

@@ -302,10 +302,17 @@ def parity_dx_kernel(
     return "".join(lines)
 
 
+TARGET = Path(__file__).resolve().parents[1] / "src" / "fused3d_triton" / "parity_kernels.py"
+
+
+def render() -> str:
+    """The full text of parity_kernels.py (the suite checks the shipped file against it)."""
+    return HEADER + gen_forward() + gen_backward() + gen_dx()
+
+
 def main() -> None:
-    target = Path(__file__).resolve().parents[1] / "src" / "fused3d_triton" / "parity_kernels.py"
-    target.write_text(HEADER + gen_forward() + gen_backward() + gen_dx())
-    print(f"wrote {target}")
+    TARGET.write_text(render())
+    print(f"wrote {TARGET}")
 
 
 if __name__ == "__main__":
