@@ -1,8 +1,10 @@
-"""Run a few forward+backward steps of the benchmark problem on one backend, for a profiler.
+"""Run forward+backward steps of the benchmark problem on one backend, for a profiler.
 
-    ncu --clock-control none -k regex:parity python3 scripts/profile_step.py cuda --tf32 on
+    ncu --clock-control none --profile-from-start off -k regex:parity \
+        python3 scripts/profile_step.py cuda --tf32 on
 
-Prints nothing but the backend and the step count; the profiler does the measuring.
+Warm-up steps (JIT builds, autotuning) run first; only the last step runs between
+cudaProfilerStart and cudaProfilerStop, so `--profile-from-start off` profiles exactly one step.
 """
 
 from __future__ import annotations
@@ -19,21 +21,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backend")
     parser.add_argument("--tf32", choices=["on", "off"], default="on")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args()
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     model = fused3d.FusedModel(*kernelbench.get_init_inputs(), backend=args.backend).cuda()
     x = kernelbench.get_inputs()[0].cuda().requires_grad_(not args.forward_only)
-    for _ in range(args.steps):
+
+    def step() -> None:
         if args.forward_only:
             with torch.no_grad():
                 model(x)
         else:
             model(x).sum().backward()
+
+    for _ in range(args.warmup):
+        step()
     torch.cuda.synchronize()
-    print(f"{args.backend}: {args.steps} steps, tf32 {args.tf32}")
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"{args.backend}: {args.warmup} warm-up steps and 1 profiled step, tf32 {args.tf32}")
 
 
 if __name__ == "__main__":
