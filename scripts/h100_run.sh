@@ -24,11 +24,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | t
 
 case "$stage" in
   bench)
-    # Parts (BENCH_PARTS, default all three; each merges into bench_cuda.csv after the first):
+    # Parts (BENCH_PARTS, default all three; each merges into bench_cuda.csv after the first,
+    # and the first too when $OUT already holds bench_cuda.json from an earlier call):
     #   main: batch 16, TF32, every implementation incl. torch.compile max-autotune;
     #   precisions: batch 16, IEEE fp32 and bf16, eager and torch.compile as baselines;
     #   sweep: batches 1, 4, 64, TF32, eager and torch.compile as baselines.
-    merge=()
+    merge=(); [ -f "$out/bench_cuda.json" ] && merge=(--merge)  # continue an earlier call's file
     for part in ${BENCH_PARTS:-main precisions sweep}; do
       case "$part" in
         main) part_args=(--batches 16 --precisions tf32); budget=${BENCH_MAIN_S:-280} ;;
