@@ -51,12 +51,15 @@ case "$stage" in
     # GPU is harmless and the wall time is the slowest suite's, triton's kernel compiles).
     # triton's suite compiles many kernels: its tests run round-robin in six processes (a
     # parametrized id with a space in it runs as its whole function).
-    FUSED3D_BACKEND=triton python3 -m pytest tests --collect-only -q -p no:cacheprovider 2>/dev/null \
-      | grep '::' | sed -E 's/\[([^]]* [^]]*)?\]$//' | awk '!seen[$0]++' >"$logs/triton-ids.txt"
-    split -n r/6 -d "$logs/triton-ids.txt" "$logs/triton-shard-"
-    triton_shards=(); for f in "$logs"/triton-shard-*; do triton_shards+=("$(tr '\n' ' ' <"$f")"); done
     for backend in ${SUITE_BACKENDS:-reference cuda triton cupy}; do
-      if [ "$backend" = triton ]; then shards=("${triton_shards[@]}"); else shards=(tests); fi
+      shards=(tests)
+      if [ "$backend" = triton ]; then
+        FUSED3D_BACKEND=triton python3 -m pytest tests --collect-only -q -p no:cacheprovider \
+          2>/dev/null | grep '::' | sed -E 's/\[([^]]* [^]]*)?\]$//' | awk '!seen[$0]++' \
+          >"$logs/triton-ids.txt"
+        split -n r/6 -d "$logs/triton-ids.txt" "$logs/triton-shard-"
+        shards=(); for f in "$logs"/triton-shard-*; do shards+=("$(tr '\n' ' ' <"$f")"); done
+      fi
       for i in "${!shards[@]}"; do
         OUT="$logs/$backend-$i" GPU_CHECK_NO_INSTALL=1 SUITE_TIMEOUT=${SUITE_TIMEOUT:-500} \
           SUITE_TESTS="${shards[$i]}" bash scripts/gpu_check.sh "$backend" \

@@ -36,13 +36,12 @@ if interpreting():
     _interpreter_compat.apply()
 
 
-def _slope_args(negative_slope: float, x: torch.Tensor, like: torch.Tensor) -> tuple:
-    """(negative_slope, slope_ptr) kernel arguments: float64 reads the slope from a tensor
-    (see kernels._slope); other dtypes take the float and never read ``like``."""
+def _slope_pointer(negative_slope: float, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+    """The general kernels' ``slope_ptr``: float64 reads the slope from this one-element tensor
+    (see kernels._slope); other dtypes take the float argument and never read ``unused``."""
     if x.dtype == torch.float64:
-        return float(negative_slope), torch.full((1,), negative_slope, dtype=torch.float64,
-                                                 device=x.device)
-    return float(negative_slope), like
+        return torch.full((1,), negative_slope, dtype=torch.float64, device=x.device)
+    return unused
 
 
 #: Dot precision for float32 with TF32 off. "ieee" (the contract); "tf32x3" (three TF32
@@ -243,7 +242,7 @@ def _forward(x, weight, bias, multiplier, stride, padding, output_padding, negat
     bias_arg = bias if has_bias else multiplier
     m_stride = 0 if multiplier.numel() == 1 else 1
     precision = _precision(x, allow_tf32)
-    slope, slope_ptr = _slope_args(negative_slope, x, multiplier)
+    slope = float(negative_slope)
 
     if _uses_parity_path(x, weight, config):
         block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
@@ -265,7 +264,7 @@ def _forward(x, weight, bias, multiplier, stride, padding, output_padding, negat
     wrap_triton(kernels.general_forward_kernel)[grid](
         x, weight, bias_arg, multiplier, y, window_index,
         p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
-        *config.padding, m_stride, slope, slope_ptr,
+        *config.padding, m_stride, slope, _slope_pointer(negative_slope, x, multiplier),
         HAS_BIAS=has_bias, IS_FP64=x.dtype == torch.float64, PRECISION=precision,
         BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, num_warps=warps,
     )
@@ -376,7 +375,7 @@ def _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding
     bias_arg = bias if has_bias else multiplier
     m_stride = 0 if multiplier.numel() == 1 else 1
     precision = _precision(x, allow_tf32)
-    slope, slope_ptr = _slope_args(negative_slope, x, multiplier)
+    slope = float(negative_slope)
     is_fp64 = x.dtype == torch.float64
     dz = torch.empty(window_index.shape, dtype=compute, device=x.device)
 
@@ -409,7 +408,7 @@ def _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding
         wrap_triton(kernels.general_dz_kernel)[grid](
             grad_y, window_index, x, weight, bias_arg, multiplier, dz, db_partials, dm_partials,
             p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
-            *config.padding, m_stride, slope, slope_ptr,
+            *config.padding, m_stride, slope, _slope_pointer(negative_slope, x, multiplier),
             HAS_BIAS=has_bias, IS_FP64=is_fp64, PRECISION=precision,
             BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, num_warps=warps,
         )
