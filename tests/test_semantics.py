@@ -115,3 +115,46 @@ def test_run_twice_is_bitwise_identical(backend_name, device, generator, dtype):
     for name, a, b in zip(("dx", "dweight", "dbias", "dmultiplier"), first[2], second[2],
                           strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+# A fast backward may read the saved pooled output y instead of recomputing the conv: y's sign
+# gives both leaky slopes and y / m the multiplier term (the cuda backend does). These inputs
+# put y at zero or NaN and m at zero or below 2**-100, where that shortcut must hand over to
+# recomputing z, and take slopes <= 0, where y's sign no longer tells z's.
+def _zero_and_tiny_multiplier(inputs):
+    multiplier = inputs.multiplier.clone()
+    multiplier[0], multiplier[1], multiplier[2] = 0.0, 1e-35, -1e-35
+    inputs.multiplier = multiplier
+    return inputs
+
+
+def _zero_first_image(inputs):
+    x = inputs.x.clone()
+    x[0] = 0.0  # with no bias, every window of image 0 is a tie at exactly zero
+    inputs.x = x
+    return inputs
+
+
+def _nan_inside(inputs):
+    # Interior positions: the oracle and the kernels then multiply NaN by the same taps.
+    return _with_special(inputs, float("nan"), [(0, 1, 1, 2, 2), (1, 3, 1, 1, 3)])
+
+
+BACKWARD_SPECIALS = {
+    "zero-and-tiny-multiplier": (Case(in_channels=8, out_channels=6), _zero_and_tiny_multiplier),
+    "zero-output": (Case(in_channels=8, out_channels=6, bias=False), _zero_first_image),
+    "nan-output": (Case(in_channels=8, out_channels=6), _nan_inside),
+    "slope-0": (Case(in_channels=8, out_channels=6, negative_slope=0.0), None),
+    "slope-negative": (Case(in_channels=8, out_channels=6, negative_slope=-0.3), None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("special", list(BACKWARD_SPECIALS), ids=list(BACKWARD_SPECIALS))
+def test_backward_where_output_does_not_settle_gradient(backend_name, device, generator,
+                                                        special, dtype):
+    case, modify = BACKWARD_SPECIALS[special]
+    inputs = make_inputs(case, dtype, device, generator)
+    if modify is not None:
+        inputs = modify(inputs)
+    check_against_oracle(backend_name, inputs, generator)

@@ -60,7 +60,7 @@ def test_opcheck_backward(backend_name, device, generator):
     grad_y = random_like_output(y, generator)
     stride, padding, output_padding = (list(v) for v in inputs.case.op_args())
     for mask in ([True, True, True, True], [False, True, False, True]):
-        args = (grad_y, window_index, *inputs.tensors(), stride, padding, output_padding,
+        args = (grad_y, y, window_index, *inputs.tensors(), stride, padding, output_padding,
                 0.2, True, mask)
         torch.library.opcheck(ops.backward.default, args,
                               test_utils=("test_schema", "test_faketensor",
@@ -183,3 +183,24 @@ def test_training_loop_moves_multiplier(backend_name, device, generator):
     assert not torch.allclose(fused.multiplier, start), "the multiplier did not move"
     for (name, a), b in zip(eager.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_backward_op_without_saved_output(backend_name, device, generator, dtype):
+    """``y=None`` means "not saved": the gradients are the same, recomputed."""
+    from fused3d.testing import relative_error, tolerance_for
+
+    inputs = make_inputs(Case(in_channels=8, out_channels=6), dtype, device, generator)
+    ops = _namespace(backend_name)
+    y, window_index = ops.forward(*_op_args(inputs))
+    grad_y = random_like_output(y, generator)
+    stride, padding, output_padding = (list(v) for v in inputs.case.op_args())
+    mask = [True, True, True, True]
+    common = (window_index, *inputs.tensors(), stride, padding, output_padding, 0.2, True, mask)
+    with_y = ops.backward(grad_y, y, *common)
+    without_y = ops.backward(grad_y, None, *common)
+    tol = tolerance_for(backend_name, dtype, device, True)
+    for name, a, b in zip(("dx", "dweight", "dbias", "dmultiplier"), with_y, without_y,
+                          strict=True):
+        assert a.shape == b.shape, name
+        assert relative_error(a, b) <= tol.gradient, name

@@ -66,7 +66,7 @@ class CudaBackend(BackendBase):
         # Build/load first: if that fails no half-registered ops are left behind.
         _build.load_extension(capability)
         self._library = define_schemas(NAMESPACE)
-        register_block_ops(NAMESPACE)
+        register_block_ops(NAMESPACE, saves_output=True)
 
     def versions(self) -> dict[str, str]:
         versions = {"torch": torch.__version__, "torch_cuda": str(torch.version.cuda)}

@@ -246,8 +246,9 @@ def _zero_grads(x, weight, bias, multiplier, wanted):
     )
 
 
-def backward_impl(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+def backward_impl(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
                   output_padding, negative_slope, allow_tf32, output_mask):
+    # y is not read (registered without saves_output): the winner kernels recompute z.
     want_x, want_weight, want_bias, want_multiplier = (bool(v) for v in output_mask)
     want_bias = want_bias and bias is not None
     wanted = (want_x, want_weight, want_bias, want_multiplier)

@@ -327,6 +327,7 @@ def _launch_general_dw(dz, window_index, x, dw_shape, config, precision, is_fp64
 
 def triton_backward(
     grad_y: torch.Tensor,
+    y: torch.Tensor,
     window_index: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -339,7 +340,10 @@ def triton_backward(
     allow_tf32: bool,
     output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fused3d_triton::backward``: (dx, dweight, dbias, dmultiplier); unwanted ones empty."""
+    """``fused3d_triton::backward``: (dx, dweight, dbias, dmultiplier); unwanted ones empty.
+
+    ``y`` is not read (registered without ``saves_output``): the winner kernel recomputes z.
+    """
     with _device_of(x):
         return _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
                          output_padding, negative_slope, allow_tf32, output_mask)

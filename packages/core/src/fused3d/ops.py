@@ -6,8 +6,9 @@ below. How the ops are *defined* differs per toolchain (``torch.library.custom_o
 what is attached to them is the same for all and lives here once:
 
 * the fake (meta) implementations, so ``torch.compile`` and ``opcheck`` know the shapes;
-* the autograd formula, which saves only x, weight, bias, multiplier and the uint8 window
-  index (nothing conv-sized) and calls the backend's backward op.
+* the autograd formula, which saves only x, weight, bias, multiplier, the uint8 window index
+  and, for backends that read it, the pooled output y (nothing conv-sized; DESIGN section 3)
+  and calls the backend's backward op.
 
 Backward outputs that the needs-grad mask does not ask for are returned as empty tensors
 (``numel() == 0``): custom-op schemas cannot return ``None``; the autograd glue maps them back.
@@ -26,7 +27,7 @@ FORWARD_SCHEMA = (
     "int[] output_padding, float negative_slope, bool allow_tf32) -> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
-    "(Tensor grad_y, Tensor window_index, Tensor x, Tensor weight, Tensor? bias, "
+    "(Tensor grad_y, Tensor? y, Tensor window_index, Tensor x, Tensor weight, Tensor? bias, "
     "Tensor multiplier, int[] stride, int[] padding, int[] output_padding, "
     "float negative_slope, bool allow_tf32, bool[] output_mask) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
@@ -86,7 +87,7 @@ def _fake_forward(x, weight, bias, multiplier, stride, padding, output_padding, 
     return empty_outputs(x, weight, stride, padding, output_padding)
 
 
-def _fake_backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+def _fake_backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
                    output_padding, negative_slope, allow_tf32, output_mask):
     def grad_or_skip(wanted: bool, like):
         if like is None:
@@ -106,28 +107,36 @@ def _fake_backward(grad_y, window_index, x, weight, bias, multiplier, stride, pa
 # --------------------------------------------------------------------------- autograd
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, multiplier, stride, padding, output_padding, negative_slope, allow_tf32 = (
-        inputs
-    )
-    _, window_index = output
-    ctx.mark_non_differentiable(window_index)
-    # No zero tensor for the index's (non-existent) gradient, nor for an unused y.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, bias, multiplier, window_index)
-    ctx.op_args = (list(stride), list(padding), list(output_padding), negative_slope, allow_tf32)
+def _make_setup_context(saves_output: bool):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, multiplier, stride, padding, output_padding, negative_slope, allow_tf32 = (
+            inputs
+        )
+        y, window_index = output
+        ctx.mark_non_differentiable(window_index)
+        # No zero tensor for the index's (non-existent) gradient, nor for an unused y.
+        ctx.set_materialize_grads(False)
+        # y is kept only for backends whose backward reads it: holding it would otherwise keep
+        # a pooled-size tensor alive that the caller may have dropped.
+        ctx.save_for_backward(x, weight, bias, multiplier, window_index,
+                              y if saves_output else None)
+        ctx.op_args = (list(stride), list(padding), list(output_padding), negative_slope,
+                       allow_tf32)
+
+    return setup_context
 
 
 def _make_backward(backward_op: Callable):
     def backward(ctx, grad_y, grad_window_index):
-        x, weight, bias, multiplier, window_index = ctx.saved_tensors
+        x, weight, bias, multiplier, window_index, y = ctx.saved_tensors
         wanted = list(ctx.needs_input_grad[:4])
         if bias is None:
             wanted[2] = False
         if grad_y is None or not any(wanted):
             return (None,) * 9
         grads = backward_op(
-            grad_y.contiguous(), window_index, x, weight, bias, multiplier, *ctx.op_args, wanted
+            grad_y.contiguous(), y, window_index, x, weight, bias, multiplier, *ctx.op_args,
+            wanted,
         )
         return tuple(g if w else None for g, w in zip(grads, wanted, strict=True)) + (None,) * 5
 
@@ -149,14 +158,19 @@ def define_schemas(namespace: str) -> torch.library.Library:
     return library
 
 
-def register_block_ops(namespace: str) -> None:
-    """Attach core's fake implementations and autograd formula to a backend's two ops."""
+def register_block_ops(namespace: str, *, saves_output: bool = False) -> None:
+    """Attach core's fake implementations and autograd formula to a backend's two ops.
+
+    ``saves_output``: the backend's backward reads the pooled output ``y`` (its ``y`` argument);
+    otherwise autograd does not keep y alive and the backward gets ``y=None``.
+    """
     forward_name, backward_name = f"{namespace}::forward", f"{namespace}::backward"
     torch.library.register_fake(forward_name, _fake_forward)
     torch.library.register_fake(backward_name, _fake_backward)
     backward_op = getattr(torch.ops, namespace).backward.default
     torch.library.register_autograd(
-        forward_name, _make_backward(backward_op), setup_context=_setup_context
+        forward_name, _make_backward(backward_op),
+        setup_context=_make_setup_context(saves_output),
     )
 
 
@@ -166,6 +180,7 @@ def define_python_ops(
     backward_impl: Callable,
     *,
     factory: str = "custom_op",
+    saves_output: bool = False,
 ) -> None:
     """Define a backend's ops from Python implementations and attach core's glue.
 
@@ -182,4 +197,4 @@ def define_python_ops(
         raise ValueError(f"factory must be 'custom_op' or 'triton_op', got {factory!r}")
     make(f"{namespace}::forward", forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
     make(f"{namespace}::backward", backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
-    register_block_ops(namespace)
+    register_block_ops(namespace, saves_output=saves_output)

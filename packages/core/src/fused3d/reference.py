@@ -79,8 +79,9 @@ def reference_forward(x, weight, bias, multiplier, stride, padding, output_paddi
     return best.to(x.dtype).contiguous(), window_index.contiguous()
 
 
-def reference_backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+def reference_backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
                        output_padding, negative_slope, allow_tf32, output_mask):
+    # y is not read (this backend registers without saves_output): z is recomputed below.
     want_x, want_weight, want_bias, want_multiplier = output_mask
     want_bias = want_bias and bias is not None
     conv = _conv(x, weight, bias, stride, padding, output_padding, allow_tf32)

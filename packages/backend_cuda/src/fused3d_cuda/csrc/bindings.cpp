@@ -117,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_y, const at::Tensor& window_index, const at::Tensor& x,
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& y,
+    const at::Tensor& window_index, const at::Tensor& x,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& multiplier, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef output_padding, double negative_slope, bool allow_tf32,
@@ -133,6 +134,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(window_index.scalar_type() == at::kByte && window_index.is_contiguous() &&
                   window_index.numel() == s.pooled_numel(),
               "fused3d_cuda: window_index must be a contiguous uint8 tensor of y's shape");
+  // y (the saved pooled output) lets the parity backward skip recomputing the conv; without
+  // it the kernels recompute the conv at each winner.
+  const bool have_y = y.has_value() && y->numel() > 0;
+  TORCH_CHECK(!have_y || (y->scalar_type() == x.scalar_type() && y->device() == x.device() &&
+                          y->numel() == s.pooled_numel()),
+              "fused3d_cuda: y must be None or the forward's output (x's dtype and device, ",
+              s.pooled_numel(), " elements), got ", y->scalar_type(), " with ", y->numel(),
+              " elements on ", y->device());
+  const at::Tensor y_contiguous = have_y ? y->contiguous() : at::Tensor();
   const bool want_x = output_mask.get(0), want_w = output_mask.get(1);
   const bool want_b = output_mask.get(2) && bias.has_value(), want_m = output_mask.get(3);
   const DType dtype = dtype_of(x);
@@ -148,6 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         at::empty({std::max<int64_t>(workspace_bytes, 1)}, x.options().dtype(at::kByte));
     BackwardArgs args{};
     args.grad_y = grad.data_ptr();
+    args.y = have_y ? y_contiguous.data_ptr() : nullptr;
     args.window_index = window_index.data_ptr<uint8_t>();
     args.x = x.data_ptr();
     args.weight = weight.data_ptr();

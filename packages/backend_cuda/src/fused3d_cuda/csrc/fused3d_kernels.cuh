@@ -51,6 +51,7 @@ struct ForwardArgs {
 
 struct BackwardArgs {
   const void* grad_y;
+  const void* y;           // the forward's pooled output; null: not available (recompute)
   const uint8_t* window_index;
   const void* x;
   const void* weight;

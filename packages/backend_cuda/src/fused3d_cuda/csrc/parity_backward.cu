@@ -1,11 +1,14 @@
 // Parity fast-path backward on tensor cores (TF32 mma.sync, fp32 accumulation), for fp32 with
 // allow_tf32 and for fp16/bf16 (C_in <= 16, C_out <= 32; other calls take the general path).
 //
-//  1. winner kernel: the forward's implicit GEMM again, keeping at each window only the conv
-//     value of its winning class; writes dz = g * leaky'(v) * m * leaky'(z) per pooled element
-//     (pooled-size scratch) and per-block channel partials of dbias and dmultiplier. dz is
-//     stored rounded to TF32 with the winning class in its 3 low mantissa bits (which TF32
-//     ignores), so the later kernels read one word per element.
+//  1. dz kernel: dz = g * leaky'(v) * m * leaky'(z) at each window's winner, written to a
+//     pooled-size scratch with per-block channel partials of dbias and dmultiplier. Two ways:
+//     a. from the saved pooled output y (the usual case): an elementwise pass, since y's sign
+//        gives the two leaky slopes and leaky'(v) * leaky(z) = y / m (see the kernel);
+//     b. without y, or for a negative slope (y's sign no longer tells z's): the winner kernel,
+//        the forward's implicit GEMM again, keeping only the winning class's conv value.
+//     dz is stored rounded to TF32 with the winning class in its 3 low mantissa bits (which
+//     TF32 ignores), so the later kernels read one word per element.
 //  2. dx kernel: dx[i] = sum over offsets o and classes P >= o of dz_P[i - o] W[k(P,o)]^T, an
 //     implicit GEMM over input positions (gather form: every dx element is written once by one
 //     thread, no atomics).
@@ -44,7 +47,7 @@ __device__ __forceinline__ int64_t pooled_offset(const BlockShape& s, TileCoord 
   return (((int64_t)c.n * s.out_channels + co) * D + c.d) * H * (int64_t)W + (int64_t)h * W + w;
 }
 
-// ------------------------------------------------------------------ 1. winner kernel
+// ------------------------------------------------------------------ 1b. winner kernel
 
 template <typename T>
 __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
@@ -181,6 +184,112 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
     for (int wi = 0; wi < kWinnerWarps; ++wi) total += reduce_s[wi * 64 + threadIdx.x];
     float* slot = channel_partials + blockIdx.x * 64 + threadIdx.x;
     *slot = accumulate ? *slot + total : total;  // batch chunks add in a fixed order
+  }
+}
+
+// ------------------------------------------------------------------ 1a. dz from the saved y
+
+constexpr int kThreadsDz = 256;
+
+// Smallest normal value of the output type: below it (or at zero) y's sign and y / m are not
+// trustworthy (underflow), so such elements recompute z.
+template <typename T> __device__ __forceinline__ float min_normal_of() { return 1.17549435e-38f; }
+template <> __device__ __forceinline__ float min_normal_of<__half>() { return 6.103515625e-05f; }
+
+// The conv value (bias included) of class `cls` at pooled position (n, d, h, w), channel co,
+// summed directly in fp32: used only for the elements whose y does not settle the derivative.
+template <typename T>
+__device__ __forceinline__ float recompute_class_value(const T* __restrict__ x,
+                                                      const T* __restrict__ w,
+                                                      const T* __restrict__ bias,
+                                                      const BlockShape& s, int64_t n, int co,
+                                                      int d, int h, int wpos, int cls) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int64_t spatial = (int64_t)D * H * W;
+  const T* x_n = x + n * s.in_channels * spatial;
+  float z = 0.f;
+  for (int o = 0; o < 8; ++o) {
+    if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
+    const int id = d + ((o >> 2) & 1), ih = h + ((o >> 1) & 1), iw = wpos + (o & 1);
+    if (id >= D || ih >= H || iw >= W) continue;  // zero padding past the input's far edge
+    const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
+                  tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
+    const T* xp = x_n + ((int64_t)id * H + ih) * W + iw;
+    for (int ci = 0; ci < s.in_channels; ++ci)
+      z = fmaf(to_acc(xp[ci * spatial]), to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k]),
+               z);
+  }
+  return bias ? z + to_acc(bias[co]) : z;
+}
+
+// grid (slots, C_out): block (b, co) walks spatial slice b of channel co in every image of the
+// chunk and writes its channel partials to slot b (accumulated over chunks in a fixed order).
+//
+// Why y suffices (negative slope s > 0, checked by the host): y = leaky(v), v = m * leaky(z),
+// so sign(y) = sign(v) = sign(m) * sign(z), which gives leaky'(v) and leaky'(z); and
+// leaky'(v) * v = y, so the dmultiplier term leaky'(v) * leaky(z) = y / m. That holds when y is
+// a normal number and m is neither tiny, huge, zero nor non-finite; every other element (y
+// zero, subnormal, infinite or NaN; such a channel's m) recomputes z, giving the winner
+// kernel's formulas exactly.
+template <typename T>
+__global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
+    const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+    const T* __restrict__ multiplier, const T* __restrict__ grad_y, const T* __restrict__ y,
+    const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
+    float* __restrict__ channel_partials, BlockShape s, int accumulate) {
+  __shared__ float warp_sums[kThreadsDz / 32][2];
+  const int co = blockIdx.y;
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int spatial = D * H * W;  // < 2^31 (parity_backward_supported)
+  const int begin = (int)((int64_t)spatial * blockIdx.x / gridDim.x);
+  const int end = (int)((int64_t)spatial * (blockIdx.x + 1) / gridDim.x);
+  const float slope = (float)s.negative_slope;
+  const float m = to_acc(multiplier[co * s.multiplier_stride]);
+  const bool m_usable = fabsf(m) >= 0x1p-100f && fabsf(m) <= 0x1p100f;  // false for NaN
+  const float y_min = min_normal_of<T>();
+  float sum_dz = 0.f, sum_dm = 0.f;
+  for (int64_t n = 0; n < s.batch; ++n) {
+    const int64_t base = (n * s.out_channels + co) * spatial;
+    for (int p = begin + (int)threadIdx.x; p < end; p += blockDim.x) {
+      const int64_t off = base + p;
+      const uint32_t cls = window_index[off] & 7u;  // 0..7 from the forward
+      const float g = to_acc(grad_y[off]);
+      const float yv = to_acc(y[off]);
+      float dz, dm_term;
+      if (m_usable && fabsf(yv) >= y_min && fabsf(yv) <= 3.40282347e38f) {
+        const bool v_positive = yv > 0.f, z_positive = v_positive == (m > 0.f);
+        const float outer = v_positive ? g : g * slope;
+        dz = outer * m * (z_positive ? 1.f : slope);
+        dm_term = g * (yv / m);
+      } else {
+        const int wpos = p % W, h = (p / W) % H, d = p / (W * H);
+        const float z = recompute_class_value(x, w, bias, s, n, co, d, h, wpos, (int)cls);
+        const float u = leaky(z, slope);
+        const float outer = leaky_slope(m * u, slope) * g;
+        dz = outer * m * leaky_slope(z, slope);
+        dm_term = outer * u;
+      }
+      sum_dz += dz;
+      sum_dm += dm_term;
+      packed_dz[off] = __uint_as_float(round_tf32_bits(dz) | cls);
+    }
+  }
+  // Fixed-order block reduction: a shuffle tree per warp, then the warps in order.
+#pragma unroll
+  for (int step = 16; step > 0; step >>= 1) {
+    sum_dz += __shfl_down_sync(0xffffffffu, sum_dz, step);
+    sum_dm += __shfl_down_sync(0xffffffffu, sum_dm, step);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    warp_sums[threadIdx.x >> 5][0] = sum_dz;
+    warp_sums[threadIdx.x >> 5][1] = sum_dm;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    float total = 0.f;
+    for (int wi = 0; wi < kThreadsDz / 32; ++wi) total += warp_sums[wi][threadIdx.x];
+    float* slot = channel_partials + blockIdx.x * 64 + threadIdx.x * 32 + co;
+    *slot = accumulate ? *slot + total : total;
   }
 }
 
@@ -591,6 +700,10 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   const T* w = static_cast<const T*>(a.weight);
   const int64_t x_image = (int64_t)s.in_channels * s.in_size[0] * s.in_size[1] * s.in_size[2];
   const int64_t y_image = (int64_t)s.out_channels * s.in_size[0] * s.in_size[1] * s.in_size[2];
+  // y settles the derivative only for a positive slope (see parity_dz_from_output_kernel);
+  // the bounds keep slope * slope * m a normal number for every m the kernel trusts.
+  const bool dz_from_output = a.y != nullptr && s.negative_slope >= 0x1p-10 &&
+                              s.negative_slope <= 0x1p10;
   cudaError_t e;
   if (geo.tiles > 0) {
     auto winner = parity_winner_grad_kernel<T>;
@@ -611,10 +724,18 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
       const int blocks = l.blocks < gc.tiles ? l.blocks : gc.tiles;
       const int accumulate = n0 > 0;
       const T* x = static_cast<const T*>(a.x) + n0 * x_image;
-      winner<<<blocks, kThreadsWinner, smem, stream>>>(
-          x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
-          static_cast<const T*>(a.grad_y) + n0 * y_image, a.window_index + n0 * y_image,
-          packed_dz, channel_partials, sc, gc, accumulate);
+      if (dz_from_output) {
+        parity_dz_from_output_kernel<T><<<dim3(l.blocks, s.out_channels), kThreadsDz, 0, stream>>>(
+            x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
+            static_cast<const T*>(a.grad_y) + n0 * y_image,
+            static_cast<const T*>(a.y) + n0 * y_image, a.window_index + n0 * y_image, packed_dz,
+            channel_partials, sc, accumulate);
+      } else {
+        winner<<<blocks, kThreadsWinner, smem, stream>>>(
+            x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
+            static_cast<const T*>(a.grad_y) + n0 * y_image, a.window_index + n0 * y_image,
+            packed_dz, channel_partials, sc, gc, accumulate);
+      }
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       if (a.grad_x) {
         grad_x_kernel<<<blocks, kThreadsWide, smem_x, stream>>>(
@@ -653,6 +774,7 @@ bool parity_backward_supported(const BlockShape& s, DType dtype, bool allow_tf32
   if (!s.is_parity_fast_path()) return false;
   if (dtype == DType::Float64 || (dtype == DType::Float32 && !allow_tf32)) return false;
   if (s.in_channels > parity::kMaxCin || s.out_channels > parity::kMaxCout) return false;
+  if ((int64_t)s.in_size[0] * s.in_size[1] * s.in_size[2] >= (1LL << 31)) return false;
   const int64_t tiles = s.batch * s.in_size[0] *
                         (int64_t)((s.in_size[1] + parity::kTileH - 1) / parity::kTileH) *
                         ((s.in_size[2] + parity::kTileW - 1) / parity::kTileW);
@@ -676,6 +798,9 @@ cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool /*allo
 
 // Explicit instantiations: every shipped kernel appears in `nvcc -Xptxas -v` of this file.
 #define FUSED3D_INSTANTIATE_PARITY_BACKWARD(T)                                                \
+  template __global__ void parity::parity_dz_from_output_kernel<T>(                           \
+      const T*, const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*,     \
+      float*, BlockShape, int);                                                               \
   template __global__ void parity::parity_winner_grad_kernel<T>(                              \
       const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*, float*,       \
       BlockShape, parity::BackwardGeometry, int);                                             \
