@@ -11,6 +11,7 @@ measures both results' normwise error against the float64 oracle on the same win
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 
 import torch
@@ -62,10 +63,8 @@ def main() -> None:
             expected = oracle_gradients(x, weight, bias, multiplier, *config[:4], grad_y,
                                         window_index, device="cuda")
             for label, saved in (("with y", y), ("y=None", None)):
-                def run(saved=saved):
-                    return ops.backward(grad_y, saved, window_index, x, weight, bias,
-                                        multiplier, *config, [True] * 4)
-
+                run = functools.partial(ops.backward, grad_y, saved, window_index, x, weight,
+                                        bias, multiplier, *config, [True] * 4)
                 grads = run()
                 errors = [relative_error(got, want) for got, want in zip(grads, expected,
                                                                          strict=True)]
