@@ -75,7 +75,8 @@ class CupyBackend(BackendBase):
     def _define_ops(self) -> None:
         from ._ops import backward_impl, forward_impl
 
-        define_python_ops(self.namespace, forward_impl, backward_impl, factory="custom_op")
+        define_python_ops(self.namespace, forward_impl, backward_impl, factory="custom_op",
+                          saves_output=True)
 
     def versions(self) -> dict[str, str]:
         found = {"torch": torch.__version__}

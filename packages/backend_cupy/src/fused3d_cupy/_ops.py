@@ -68,6 +68,7 @@ _SIG_GRAD_WEIGHT = "3P 11i"
 _SIG_PARTIAL_SUM = "2P 2i"
 _SIG_PACK = "2P 4i"
 _SIG_GRAD_X = "3P 11i"
+_SIG_GRAD_Z_FROM_OUTPUT = "10P 8i d"
 
 
 @cache
@@ -248,10 +249,14 @@ def _zero_grads(x, weight, bias, multiplier, wanted):
 
 def backward_impl(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
                   output_padding, negative_slope, allow_tf32, output_mask):
-    # y is not read (registered without saves_output): the winner kernels recompute z.
     want_x, want_weight, want_bias, want_multiplier = (bool(v) for v in output_mask)
     want_bias = want_bias and bias is not None
     wanted = (want_x, want_weight, want_bias, want_multiplier)
+    if y is not None and (y.shape != grad_y.shape or y.dtype != x.dtype
+                          or y.device != x.device):
+        raise ValueError(
+            f"fused3d_cupy: y must be None or the forward's output ({tuple(grad_y.shape)}, "
+            f"{x.dtype} on {x.device}), got {tuple(y.shape)}, {y.dtype} on {y.device}")
     if grad_y.numel() == 0 or x.numel() == 0:
         return _zero_grads(x, weight, bias, multiplier, wanted)
     config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
@@ -261,7 +266,7 @@ def backward_impl(grad_y, y, window_index, x, weight, bias, multiplier, stride, 
         stream = _raw_stream(index)
         if (uses_tf32_path(x, config, allow_tf32)
                 and weight.shape[1] <= TF32_MAX_OUT_CHANNELS_BACKWARD):
-            return _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier,
+            return _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier,
                                          negative_slope, wanted, index, stream)
         return _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
                                  wanted, index, stream)
@@ -325,10 +330,12 @@ def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 
-def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, negative_slope,
+def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, negative_slope,
                           wanted, index, stream):
-    """Three GEMM-shaped passes per batch chunk (grad_z at the winners, dweight partials, dx),
-    then fixed-order reductions of the channel and dweight partials (deterministic)."""
+    """Per batch chunk: grad_z at the winners (from the saved output y when it settles the
+    derivative, else recomputed by the forward's GEMM), then the dweight partials and dx
+    (GEMM-shaped); then fixed-order reductions of the channel and dweight partials
+    (deterministic)."""
     want_x, want_weight, want_bias, want_multiplier = wanted
     n, c_in, d, h, w = x.shape
     c_out = weight.shape[1]
@@ -341,8 +348,15 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
         chunk = max(1, math.ceil(n * BACKWARD_CHUNK_BYTES / grad_z_bytes))
     starts = range(0, n, chunk)
 
+    # y settles the derivative only for a positive slope (grad_z_from_output); the bounds keep
+    # the slopes' products with any multiplier the kernel trusts normal numbers.
+    from_output = (y is not None and 2.0**-10 <= negative_slope <= 2.0**10
+                   and spatial < 2**31)
     tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
-    grids_z = [min(min(chunk, n - b0) * math.prod(tiles), 2 * sms) for b0 in starts]
+    if from_output:  # slices of >= 1024 pooled positions per channel, one partial row each
+        grids_z = [max(1, min(sms, spatial // 1024)) for _ in starts]
+    else:
+        grids_z = [min(min(chunk, n - b0) * math.prod(tiles), 2 * sms) for b0 in starts]
     tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
     grid_w = min(chunk * math.prod(tiles_w), 2 * sms)
     tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))
@@ -366,9 +380,15 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
     dxp = _address(dx, stream)
     fragments_at = _address(fragments, stream)
     flags = (_multiplier_stride(multiplier), int(bias is not None), float(negative_slope))
-    grad_z_kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", index,
-                            _SIG_TF32)
-    grad_z_shared = _tf32_shared(grad_z_kernel, ksteps_in)
+    if from_output:
+        y = y.contiguous()  # held until the launches are enqueued
+        yp = _address(y, stream)
+        from_output_kernel = _kernel("parity_backward.cu", "grad_z_from_output", index,
+                                     _SIG_GRAD_Z_FROM_OUTPUT)
+    else:
+        grad_z_kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", index,
+                                _SIG_TF32)
+        grad_z_shared = _tf32_shared(grad_z_kernel, ksteps_in)
     if want_weight:
         grad_weight_kernel = _kernel("parity_backward.cu", "parity_grad_weight_tf32", index,
                                      _SIG_GRAD_WEIGHT)
@@ -390,13 +410,23 @@ def _backward_parity_tf32(grad_y, window_index, x, weight, bias, multiplier, neg
         x_at = xp + b0 * c_in * spatial * 4
         pooled_at = b0 * c_out * spatial
         dims = (size, c_in, c_out, d, h, w)
-        # 1. grad_z at the winners (same TF32 arithmetic as the forward) + channel partials.
-        grad_z_kernel.launch(
-            (grids_z[step], math.ceil(c_out / 32)), 128, stream,
-            (x_at, wp, _address(bias, stream), _address(multiplier, stream), gyp + 4 * pooled_at,
-             ip + pooled_at, gyp + 4 * pooled_at, zp, pbp + 4 * row * c_out,
-             pmp + 4 * row * c_out, *dims, *flags, *tiles, *_tf32_staging()),
-            shared_mem=grad_z_shared)
+        # 1. grad_z at the winners + channel partials: from y, or recomputed with the same
+        # TF32 arithmetic as the forward.
+        if from_output:
+            from_output_kernel.launch(
+                (grids_z[step], c_out), 256, stream,
+                (x_at, wp, _address(bias, stream), _address(multiplier, stream),
+                 gyp + 4 * pooled_at, yp + 4 * pooled_at, ip + pooled_at, zp,
+                 pbp + 4 * row * c_out, pmp + 4 * row * c_out, size, c_in, c_out, d, h, w,
+                 flags[0], flags[1], flags[2]))
+        else:
+            grad_z_kernel.launch(
+                (grids_z[step], math.ceil(c_out / 32)), 128, stream,
+                (x_at, wp, _address(bias, stream), _address(multiplier, stream),
+                 gyp + 4 * pooled_at, ip + pooled_at, gyp + 4 * pooled_at, zp,
+                 pbp + 4 * row * c_out, pmp + 4 * row * c_out, *dims, *flags, *tiles,
+                 *_tf32_staging()),
+                shared_mem=grad_z_shared)
         row += grids_z[step]
         # 2. dweight partials, one per block, accumulated over the chunks.
         if want_weight:

@@ -250,6 +250,7 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
   float sum_dz = 0.f, sum_dm = 0.f;
   for (int64_t n = 0; n < s.batch; ++n) {
     const int64_t base = (n * s.out_channels + co) * spatial;
+#pragma unroll 4
     for (int p = begin + (int)threadIdx.x; p < end; p += blockDim.x) {
       const int64_t off = base + p;
       const uint32_t cls = window_index[off] & 7u;  // 0..7 from the forward
@@ -704,6 +705,11 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   // the bounds keep slope * slope * m a normal number for every m the kernel trusts.
   const bool dz_from_output = a.y != nullptr && s.negative_slope >= 0x1p-10 &&
                               s.negative_slope <= 0x1p10;
+  // The dz-from-y pass splits each channel's pooled grid into slices of >= 1024 positions
+  // (one channel-partial slot each): smaller blocks made it latency-bound on the H100.
+  const int64_t pooled_spatial = (int64_t)s.in_size[0] * s.in_size[1] * s.in_size[2];
+  const int dz_slices =
+      (int)std::max<int64_t>(1, std::min<int64_t>(l.blocks, pooled_spatial / 1024));
   cudaError_t e;
   if (geo.tiles > 0) {
     auto winner = parity_winner_grad_kernel<T>;
@@ -725,7 +731,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
       const int accumulate = n0 > 0;
       const T* x = static_cast<const T*>(a.x) + n0 * x_image;
       if (dz_from_output) {
-        parity_dz_from_output_kernel<T><<<dim3(l.blocks, s.out_channels), kThreadsDz, 0, stream>>>(
+        parity_dz_from_output_kernel<T><<<dim3(dz_slices, s.out_channels), kThreadsDz, 0, stream>>>(
             x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
             static_cast<const T*>(a.grad_y) + n0 * y_image,
             static_cast<const T*>(a.y) + n0 * y_image, a.window_index + n0 * y_image, packed_dz,
@@ -756,7 +762,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   }
   const int weight_numel = s.in_channels * s.out_channels * kTaps;
   const int total = weight_numel + 2 * s.out_channels;
-  const int channel_blocks = geo.tiles > 0 ? l.blocks : 0;
+  const int channel_blocks = geo.tiles > 0 ? (dz_from_output ? dz_slices : l.blocks) : 0;
   const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? l.blocks : 0;
   if (total > 0 && (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels)) {
     parity_reduce_kernel<T><<<(total + kThreads - 1) / kThreads, kThreads, 0, stream>>>(

@@ -8,6 +8,7 @@
 // all, each kernel position used by exactly one class.
 #pragma once
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <type_traits>

@@ -284,6 +284,84 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
         }
 }
 
+// Backward step 1 from the saved pooled output y, instead of parity_tf32<.., true> recomputing
+// the conv (the same algorithm as the cuda backend's dz-from-output kernel). With a negative
+// slope s > 0 (the host checks), y = leaky(v) and v = m leaky(z) give sign(y) = sign(m) sign(z),
+// hence both leaky slopes, and leaky'(v) leaky(z) = y / m. Where that is not trustworthy (y
+// zero, subnormal, infinite or NaN; m zero, below 2^-100, above 2^100 or non-finite) the
+// element recomputes z by direct summation in fp32. Grid (slices, Cout): block (b, co) walks
+// slice b of channel co's pooled positions in every image and writes partial row b.
+extern "C" __global__ void __launch_bounds__(256) grad_z_from_output(
+    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const float* __restrict__ multiplier, const float* __restrict__ grad_y,
+    const float* __restrict__ y, const unsigned char* __restrict__ window_index,
+    unsigned int* __restrict__ grad_z_packed, float* __restrict__ partial_bias,
+    float* __restrict__ partial_multiplier, int N, int Cin, int Cout, int D, int H, int W,
+    int multiplier_stride, int has_bias, double negative_slope) {
+    __shared__ float warp_sums[8][2];
+    const int co = blockIdx.y;
+    const int spatial = D * H * W;  // < 2^31 (checked by the host)
+    const int begin = (int)((long long)spatial * blockIdx.x / gridDim.x);
+    const int end = (int)((long long)spatial * (blockIdx.x + 1) / gridDim.x);
+    const float slope = (float)negative_slope;
+    const float m = multiplier[co * multiplier_stride];
+    const bool m_usable = fabsf(m) >= 0x1p-100f && fabsf(m) <= 0x1p100f;  // false for NaN
+    float sum_bias = 0.0f, sum_multiplier = 0.0f;
+    for (int n = 0; n < N; ++n) {
+        const long long base = ((long long)n * Cout + co) * spatial;
+#pragma unroll 4
+        for (int q = begin + (int)threadIdx.x; q < end; q += blockDim.x) {
+            const long long e = base + q;
+            const int win = window_index[e] & 7;
+            const float gy = grad_y[e], yv = y[e];
+            float dz, multiplier_term;
+            if (m_usable && fabsf(yv) >= 1.17549435e-38f && fabsf(yv) <= 3.40282347e38f) {
+                const bool v_positive = yv > 0.0f, z_positive = v_positive == (m > 0.0f);
+                const float outer = v_positive ? gy : gy * slope;
+                dz = outer * m * (z_positive ? 1.0f : slope);
+                multiplier_term = gy * (yv / m);
+            } else {
+                const int pw = q % W, ph = (q / W) % H, pd = q / (W * H);
+                float z = 0.0f;
+                for (int a = 0; a < 8; ++a) {
+                    if (!class_uses_offset(win, a)) continue;
+                    const int id = pd + ((a >> 2) & 1), ih = ph + ((a >> 1) & 1), iw = pw + (a & 1);
+                    if (id >= D || ih >= H || iw >= W) continue;  // past the input's far edge
+                    const float* xq = x + (long long)n * Cin * spatial + ((long long)id * H + ih) * W + iw;
+                    const int tap = class_tap(win, a);
+                    for (int ci = 0; ci < Cin; ++ci)
+                        z = fmaf(xq[(long long)ci * spatial], weight[((long long)ci * Cout + co) * 27 + tap], z);
+                }
+                if (has_bias) z += bias[co];
+                const float u = leaky(z, slope);
+                const float outer = gy * leaky_slope(m * u, slope);
+                dz = outer * m * leaky_slope(z, slope);
+                multiplier_term = outer * u;
+            }
+            sum_bias += dz;
+            sum_multiplier += multiplier_term;
+            grad_z_packed[e] = (to_tf32(dz) & ~7u) | static_cast<unsigned int>(win);
+        }
+    }
+    // Fixed-order reduction: a shuffle tree per warp, then the 8 warps in order.
+#pragma unroll
+    for (int step = 16; step > 0; step >>= 1) {
+        sum_bias += __shfl_down_sync(0xffffffffu, sum_bias, step);
+        sum_multiplier += __shfl_down_sync(0xffffffffu, sum_multiplier, step);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        warp_sums[threadIdx.x >> 5][0] = sum_bias;
+        warp_sums[threadIdx.x >> 5][1] = sum_multiplier;
+    }
+    __syncthreads();
+    if (threadIdx.x < 2) {
+        float total = 0.0f;
+        for (int k = 0; k < 8; ++k) total += warp_sums[k][threadIdx.x];
+        float* out = threadIdx.x == 0 ? partial_bias : partial_multiplier;
+        out[(long long)blockIdx.x * Cout + co] = total;
+    }
+}
+
 // out[i] = sum over parts p of partial[p][i] in a fixed order (deterministic). Block = 32 outputs
 // x 8 part groups: group k adds parts k, k + 8, k + 16, ... (many loads in flight per output),
 // then the 8 group sums are added in group order.
