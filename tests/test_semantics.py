@@ -120,7 +120,8 @@ def test_run_twice_is_bitwise_identical(backend_name, device, generator, dtype):
 # A fast backward may read the saved pooled output y instead of recomputing the conv: y's sign
 # gives both leaky slopes and y / m the multiplier term (the cuda backend does). These inputs
 # put y at zero or NaN and m at zero or below 2**-100, where that shortcut must hand over to
-# recomputing z, and take slopes <= 0, where y's sign no longer tells z's.
+# recomputing z, and take slopes <= 0, where y's sign no longer tells z's. float64 runs the
+# general paths, whose sparse dweight must still spread a NaN input as PyTorch's dense one does.
 def _zero_and_tiny_multiplier(inputs):
     multiplier = inputs.multiplier.clone()
     multiplier[0], multiplier[1], multiplier[2] = 0.0, 1e-35, -1e-35
@@ -149,7 +150,8 @@ BACKWARD_SPECIALS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64],
+                         ids=["float32", "float16", "float64"])
 @pytest.mark.parametrize("special", list(BACKWARD_SPECIALS), ids=list(BACKWARD_SPECIALS))
 def test_backward_where_output_does_not_settle_gradient(backend_name, device, generator,
                                                         special, dtype):

@@ -30,6 +30,7 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
         ),
         "channel_reduce<float>",
         "channel_reduce<double>",
+        *(f"any_nonfinite<{t}>" for t, _ in _HALF_TYPES),
     ),
     "parity_forward.cu": (
         "parity_tf32<1, false>",

@@ -63,6 +63,8 @@ _SIG_EXACT = "6P 8i d 4i"
 _SIG_GENERAL_FORWARD = "6P 20i d"
 _SIG_GENERAL_GRAD_Z = "9P 20i d"
 _SIG_GENERAL_ADJOINT = "4P 18i"
+_SIG_GENERAL_GRAD_WEIGHT = "5P 21i"
+_SIG_ANY_NONFINITE = "P q P"
 _SIG_CHANNEL_REDUCE = "4P 3i"
 _SIG_GRAD_WEIGHT = "3P 11i"
 _SIG_PARTIAL_SUM = "2P 2i"
@@ -323,10 +325,16 @@ def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
                 _SIG_GENERAL_ADJOINT).launch(
             (blocks, 1), _THREADS, stream, (zp, ip, wp, _address(dx, stream), *shape))
     if want_weight:
+        x_nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
+        flag_at = _address(x_nonfinite, stream)
+        _kernel("general.cu", f"any_nonfinite<{scalar}>", index, _SIG_ANY_NONFINITE).launch(
+            (max(1, min(math.ceil(x.numel() / _THREADS), _sm_count(index) * 8)), 1), _THREADS,
+            stream, (xp, x.numel(), flag_at))
+        conv_size = config.conv_shape(x.shape[2:])
         _kernel("general.cu", f"general_grad_weight<{scalar}, {acc}>", index,
-                _SIG_GENERAL_ADJOINT).launch(
+                _SIG_GENERAL_GRAD_WEIGHT).launch(
             (min(weight.numel(), 65535 * 16), 1), _THREADS, stream,
-            (zp, ip, xp, _address(dweight, stream), *shape))
+            (zp, ip, xp, flag_at, _address(dweight, stream), *shape, *conv_size))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 

@@ -220,11 +220,26 @@ __global__ void __launch_bounds__(kThreads, 1) general_grad_x_kernel(
   }
 }
 
+// Sets *flag when x holds a NaN or an infinity (every writer writes 1: a benign race).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) any_nonfinite_kernel(const T* __restrict__ x,
+                                                                 int64_t count, int* flag) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const auto v = to_acc(x[i]);
+    if (v - v != v - v) *flag = 1;  // NaN for NaN and +-inf only
+  }
+}
+
 // dweight: one block per weight element correlates x with the sparse dz, fixed-order sum.
+// PyTorch's dense conv backward also multiplies every input by the zero gradient of the conv
+// outputs that are not winners; that only matters (x * 0 = NaN) for a NaN or infinite x, so
+// when the flag says x holds one, those products are added too.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) general_grad_weight_kernel(
     const uint8_t* __restrict__ window_index, const typename AccOf<T>::type* __restrict__ grad_z,
-    const T* __restrict__ x, T* __restrict__ grad_w, BlockShape s) {
+    const T* __restrict__ x, const int* __restrict__ x_nonfinite, T* __restrict__ grad_w,
+    BlockShape s) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[kThreads];
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
@@ -253,6 +268,30 @@ __global__ void __launch_bounds__(kThreads, 1) general_grad_weight_kernel(
       const int id = td / s.stride[0], ih = th / s.stride[1], iw = tw / s.stride[2];
       if (id >= D || ih >= H || iw >= W) continue;
       acc += to_acc(x_plane[((int64_t)id * H + ih) * W + iw]) * grad_z[row + p];
+    }
+  }
+  if (*x_nonfinite) {
+    const int Dp = s.pooled_size[0];
+    for (int n = 0; n < (int)s.batch; ++n) {
+      const int64_t row = ((int64_t)n * s.out_channels + co) * per_image;
+      const T* x_plane = x + ((int64_t)n * s.in_channels + ci) * spatial;
+      for (int i = threadIdx.x; i < (int)spatial; i += kThreads) {
+        const A v = to_acc(x_plane[i]);
+        if (v - v == v - v) continue;  // finite: x * 0 adds nothing
+        const int iw = i % W, ih = (i / W) % H, id = i / (W * H);
+        const int od = id * s.stride[0] - s.padding[0] + kd;
+        const int oh = ih * s.stride[1] - s.padding[1] + kh;
+        const int ow = iw * s.stride[2] - s.padding[2] + kw;
+        if (od < 0 || oh < 0 || ow < 0 || od >= s.conv_size[0] || oh >= s.conv_size[1] ||
+            ow >= s.conv_size[2])
+          continue;  // this tap reaches no conv output from here
+        if (od < 2 * Dp && oh < 2 * Hp && ow < 2 * Wp) {
+          const int64_t q = row + ((int64_t)(od >> 1) * Hp + (oh >> 1)) * Wp + (ow >> 1);
+          const int cls = ((od & 1) << 2) | ((oh & 1) << 1) | (ow & 1);
+          if (window_index[q] == cls) continue;  // the winner: counted above
+        }
+        acc += v * A(0);  // NaN, as PyTorch's dense product gives
+      }
     }
   }
   acc = block_sum(acc, scratch);
@@ -306,8 +345,16 @@ cudaError_t general_backward_typed(const BlockShape s, const BackwardArgs& a,
   const int64_t weight_numel = (int64_t)s.in_channels * s.out_channels * s.kernel[0] *
                                s.kernel[1] * s.kernel[2];
   if (a.grad_weight && weight_numel > 0) {
+    int* x_nonfinite = reinterpret_cast<int*>(grad_m_terms + pooled);
+    if (cudaError_t e = cudaMemsetAsync(x_nonfinite, 0, sizeof(int), stream); e != cudaSuccess)
+      return e;
+    if (s.input_numel() > 0) {
+      any_nonfinite_kernel<T><<<grid_for(s.input_numel(), kThreads), kThreads, 0, stream>>>(
+          x, s.input_numel(), x_nonfinite);
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
     general_grad_weight_kernel<T><<<(unsigned)weight_numel, kThreads, 0, stream>>>(
-        a.window_index, grad_z, x, static_cast<T*>(a.grad_weight), s);
+        a.window_index, grad_z, x, x_nonfinite, static_cast<T*>(a.grad_weight), s);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -330,7 +377,7 @@ cudaError_t launch_general_forward(const BlockShape& s, DType dtype, const Forwa
 
 int64_t general_backward_workspace_bytes(const BlockShape& s, DType dtype) {
   const int64_t acc_bytes = dtype == DType::Float64 ? 8 : 4;
-  return 2 * s.pooled_numel() * acc_bytes;
+  return 2 * s.pooled_numel() * acc_bytes + 8;  // + the non-finite-x flag (aligned)
 }
 
 cudaError_t launch_general_backward(const BlockShape& s, DType dtype, const BackwardArgs& a,
@@ -354,7 +401,8 @@ cudaError_t launch_general_backward(const BlockShape& s, DType dtype, const Back
   template __global__ void general_impl::general_grad_x_kernel<T>(const uint8_t*, const AccOf<T>::type*,  \
                                                     const T*, T*, BlockShape);              \
   template __global__ void general_impl::general_grad_weight_kernel<T>(                                   \
-      const uint8_t*, const AccOf<T>::type*, const T*, T*, BlockShape);
+      const uint8_t*, const AccOf<T>::type*, const T*, const int*, T*, BlockShape);              \
+  template __global__ void general_impl::any_nonfinite_kernel<T>(const T*, int64_t, int*);
 FUSED3D_INSTANTIATE_GENERAL(float)
 FUSED3D_INSTANTIATE_GENERAL(double)
 FUSED3D_INSTANTIATE_GENERAL(__half)

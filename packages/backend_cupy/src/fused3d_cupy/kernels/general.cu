@@ -226,13 +226,27 @@ __global__ void __launch_bounds__(256, 1) general_grad_x(
     }
 }
 
+// Sets *flag when x holds a NaN or an infinity (every writer writes 1: a benign race).
+template <typename T>
+__global__ void __launch_bounds__(256) any_nonfinite(const T* __restrict__ x, long long count,
+                                                     int* __restrict__ flag) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count;
+         i += (long long)gridDim.x * blockDim.x) {
+        const auto v = to_acc(x[i]);
+        if (v - v != v - v) *flag = 1;  // NaN for NaN and +-inf only
+    }
+}
+
 // Backward step 4: dweight[ci, co, k] = sum over n and windows whose winner o is reached from
 // some input i through tap k (i = (o + p - k) / s exactly) of x[n, ci, i] * grad_z. One block per
-// weight element, fixed-order block reduction (deterministic).
+// weight element, fixed-order block reduction (deterministic). PyTorch's dense conv backward also
+// multiplies every input by the zero gradient of the non-winning conv outputs; that only matters
+// (x * 0 = NaN) for a NaN or infinite x, so when *x_nonfinite is set those products are added.
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(256, 1) general_grad_weight(
     const Acc* __restrict__ grad_z, const unsigned char* __restrict__ window_index,
-    const T* __restrict__ x, T* __restrict__ grad_weight, FUSED3D_GENERAL_PARAMS) {
+    const T* __restrict__ x, const int* __restrict__ x_nonfinite, T* __restrict__ grad_weight,
+    FUSED3D_GENERAL_PARAMS, int conv_d, int conv_h, int conv_w) {
     __shared__ Acc scratch[256];
     const int kvol = kD * kH * kW;
     const long long weights = (long long)Cin * Cout * kvol;
@@ -261,6 +275,26 @@ __global__ void __launch_bounds__(256, 1) general_grad_weight(
                             iw]) *
                    grad_z[q];
         }
+        if (*x_nonfinite) {
+            const long long inputs = (long long)N * spatial;
+            for (long long j = threadIdx.x; j < inputs; j += 256) {
+                const int n = j / spatial;
+                const long long i = j % spatial;
+                const Acc v = to_acc(x[((long long)n * Cin + ci) * spatial + i]);
+                if (v - v == v - v) continue;  // finite: x * 0 adds nothing
+                const int iw = i % W, ih = (i / W) % H, id = i / ((long long)W * H);
+                const int od = id * sD - pD + kd, oh = ih * sH - pH + kh, ow = iw * sW - pW + kw;
+                if (od < 0 || oh < 0 || ow < 0 || od >= conv_d || oh >= conv_h || ow >= conv_w)
+                    continue;  // this tap reaches no conv output from here
+                if (od < 2 * PD && oh < 2 * PH && ow < 2 * PW) {
+                    const long long q = ((long long)n * Cout + co) * plane_size +
+                                        ((long long)(od >> 1) * PH + (oh >> 1)) * PW + (ow >> 1);
+                    const int cls = ((od & 1) << 2) | ((oh & 1) << 1) | (ow & 1);
+                    if (window_index[q] == cls) continue;  // the winner: counted above
+                }
+                acc += v * Acc(0);  // NaN, as PyTorch's dense product gives
+            }
+        }
         const Acc total = block_sum<Acc, 256>(acc, scratch);
         if (threadIdx.x == 0) grad_weight[widx] = Store<T>::from(total);
     }
@@ -282,9 +316,11 @@ __global__ void __launch_bounds__(256, 1) general_grad_weight(
                                                     int, int, int, int, int, int, int, int,  \
                                                     int, int, int, int, int);                \
     template __global__ void general_grad_weight<T, Acc>(const Acc*, const unsigned char*,   \
-                                                         const T*, T*, int, int, int, int,   \
+                                                         const T*, const int*, T*, int, int, \
                                                          int, int, int, int, int, int, int,  \
-                                                         int, int, int, int, int, int, int);
+                                                         int, int, int, int, int, int, int,  \
+                                                         int, int, int, int, int);           \
+    template __global__ void any_nonfinite<T>(const T*, long long, int*);
 FUSED3D_INSTANTIATE_GENERAL(float, float)
 FUSED3D_INSTANTIATE_GENERAL(double, double)
 FUSED3D_INSTANTIATE_GENERAL(half_t, float)
