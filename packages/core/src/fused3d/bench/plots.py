@@ -412,11 +412,13 @@ def markdown_table(rows: list[dict]) -> str:
     cell = {(r["implementation"], r["mode"], r["precision"]): r for r in at_batch}
     header = ["implementation"] + [
         f"{'fwd' if m == FORWARD else 'fwd+bwd'} {p} ms (vs eager / vs compile)"
-        for m, p in columns] + ["fwd+bwd peak MiB"]
+        for m, p in columns] + [f"fwd+bwd {p} peak MiB" for p in precisions]
     first = rows[0]
     flushed = " (L2 flushed before each)" if first.get("device") == "cuda" else ""
+    dates = sorted({r.get("date", "")[:10] for r in at_batch})
+    commits = sorted({r.get("git_commit", "") for r in at_batch if r.get("git_commit")})
     lines = [f"Batch {batch}, {first.get('gpu') if first.get('device') == 'cuda' else 'CPU'}, "
-             f"{first.get('date', '')[:10]}, commit {first.get('git_commit', '')}: median of "
+             f"{', '.join(dates)}, commit {', '.join(commits)}: median of "
              f"the timed runs{flushed}, speedups from the same run.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in implementation_order(at_batch):
@@ -431,10 +433,10 @@ def markdown_table(rows: list[dict]) -> str:
                 ratios = "/".join(f"{row[k]:.2f}x" if row[k] is not None else "-"
                                   for k in ("speedup_vs_eager", "speedup_vs_compile"))
                 cells.append(f"{row['median_ms']:.4g} ({ratios})")
-        peaks = [r["peak_extra_mib"] for (n, m, _p), r in cell.items()
-                 if n == name and m == TRAINING and r["status"] == "ok"
-                 and r["peak_extra_mib"] is not None]
-        cells.append(f"{max(peaks):.0f}" if peaks else "")
+        for precision in precisions:  # memory differs per precision (dtype and backward path)
+            row = cell.get((name, TRAINING, precision))
+            ok = row is not None and row["status"] == "ok" and row["peak_extra_mib"] is not None
+            cells.append(f"{row['peak_extra_mib']:.0f}" if ok else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
