@@ -576,9 +576,9 @@ def run(settings: Settings) -> int:
 
     torch.manual_seed(settings.seed)
     names = list(backend_names()) if settings.backends is None else list(settings.backends)
-    # max-autotune runs last: on the H100 the backends timed after it (its autotuning worker
-    # processes still alive) showed a wider spread, e.g. the cuda training step 0.906 ms median
-    # (p10-p90 0.73-1.05) against 0.641 ms in a run without it.
+    # max-autotune runs last, so that nothing it leaves behind (autotuning processes, graph
+    # pools) runs beside the backends' timings. (On the H100 the backends' host-bound steps
+    # spread as widely with it last as with it first: the host's speed, not max-autotune.)
     impls = [BASELINES[name] for name in settings.baselines if name != "compile-max-autotune"]
     impls += [Implementation(name, "backend", backend=name) for name in names]
     impls += [BASELINES[name] for name in settings.baselines if name == "compile-max-autotune"]
