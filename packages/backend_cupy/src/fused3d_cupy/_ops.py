@@ -319,17 +319,16 @@ def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
             (_address(partial_bias, stream), _address(partial_multiplier, stream),
              _address(dbias_acc, stream), _address(dmult_acc, stream), grad_y.shape[0], c_out,
              chunks))
+    x_blocks = max(1, min(math.ceil(x.numel() / _THREADS), _sm_count(index) * 8))
     if want_x:
-        blocks = max(1, min(math.ceil(x.numel() / _THREADS), _sm_count(index) * 8))
         _kernel("general.cu", f"general_grad_x<{scalar}, {acc}>", index,
                 _SIG_GENERAL_ADJOINT).launch(
-            (blocks, 1), _THREADS, stream, (zp, ip, wp, _address(dx, stream), *shape))
+            (x_blocks, 1), _THREADS, stream, (zp, ip, wp, _address(dx, stream), *shape))
     if want_weight:
         x_nonfinite = torch.zeros(1, dtype=torch.int32, device=device)
         flag_at = _address(x_nonfinite, stream)
         _kernel("general.cu", f"any_nonfinite<{scalar}>", index, _SIG_ANY_NONFINITE).launch(
-            (max(1, min(math.ceil(x.numel() / _THREADS), _sm_count(index) * 8)), 1), _THREADS,
-            stream, (xp, x.numel(), flag_at))
+            (x_blocks, 1), _THREADS, stream, (xp, x.numel(), flag_at))
         conv_size = config.conv_shape(x.shape[2:])
         _kernel("general.cu", f"general_grad_weight<{scalar}, {acc}>", index,
                 _SIG_GENERAL_GRAD_WEIGHT).launch(

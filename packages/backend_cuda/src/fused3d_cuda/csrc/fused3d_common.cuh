@@ -37,6 +37,17 @@ template <typename A> __device__ __forceinline__ A leaky_slope(A t, A slope) {
 }
 template <typename A> __device__ __forceinline__ bool is_nan(A v) { return v != v; }
 
+// Gradients at a window's winner from its conv value z (bias included), the channel's m and
+// the incoming g. y = leaky(m * leaky(z)):  dy/dz = leaky'(m u) m leaky'(z),
+// dy/dm = leaky'(m u) u with u = leaky(z).
+template <typename A>
+__device__ __forceinline__ void winner_gradients(A z, A m, A g, A slope, A& dz, A& dm_term) {
+  const A u = leaky(z, slope);
+  const A outer = leaky_slope(m * u, slope) * g;
+  dz = outer * m * leaky_slope(z, slope);
+  dm_term = outer * u;
+}
+
 // PyTorch's max_pool3d scan rule: take the candidate when `best < v or isnan(v)`, so the first
 // maximum wins a tie and the last NaN wins.
 template <typename A> __device__ __forceinline__ bool pool_takes(A best, A v) {

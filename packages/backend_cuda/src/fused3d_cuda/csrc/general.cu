@@ -132,11 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) general_winner_grad_kernel(
     const A b = bias ? to_acc(bias[co]) : A(0);
     const A m = to_acc(multiplier[co * s.multiplier_stride]);
     const A z = b + conv_transpose_at<T, A>(x, w, s, n, co, od, oh, ow);
-    const A u = leaky(z, slope);
-    const A outer = leaky_slope(m * u, slope) * to_acc(grad_y[i]);
-    // y = leaky(m * leaky(z)):  dy/dz = leaky'(m u) m leaky'(z),  dy/dm = leaky'(m u) u
-    grad_z[i] = outer * m * leaky_slope(z, slope);
-    grad_m_terms[i] = outer * u;
+    winner_gradients(z, m, A(to_acc(grad_y[i])), slope, grad_z[i], grad_m_terms[i]);
   }
 }
 

@@ -151,14 +151,11 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
           const int wpos = c.w0 + row0 + mt * 16 + g + 8 * (r >> 1);
           const int col = nt * 8 + 2 * t + (r & 1);
           const int64_t off = pooled_offset(s, c, col, h, wpos);
-          const float m = mult_s[col];
-          const float z = z_win[mt][nt][r] + bias_s[col];
-          const float u = leaky(z, slope);
-          // y = leaky(m * leaky(z)):  dy/dz = leaky'(m u) m leaky'(z),  dy/dm = leaky'(m u) u
-          const float outer = leaky_slope(m * u, slope) * to_acc(grad_y[off]);
-          const float dz = outer * m * leaky_slope(z, slope);
+          float dz, dm_term;
+          winner_gradients(z_win[mt][nt][r] + bias_s[col], mult_s[col],
+                           to_acc(grad_y[off]), slope, dz, dm_term);
           sum_dz[nt][r & 1] += dz;
-          sum_dm[nt][r & 1] += outer * u;
+          sum_dm[nt][r & 1] += dm_term;
           packed_dz[off] = __uint_as_float(round_tf32_bits(dz) | cls);
         }
     // Fixed-order reduction over the 8 row groups of the warp (lanes with equal t).
@@ -212,8 +209,7 @@ __device__ __forceinline__ float recompute_class_value(const T* __restrict__ x,
     if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
     const int id = d + ((o >> 2) & 1), ih = h + ((o >> 1) & 1), iw = wpos + (o & 1);
     if (id >= D || ih >= H || iw >= W) continue;  // zero padding past the input's far edge
-    const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
-                  tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
+    const int k = class_tap(cls, o);
     const T* xp = x_n + ((int64_t)id * H + ih) * W + iw;
     for (int ci = 0; ci < s.in_channels; ++ci)
       z = fmaf(to_acc(xp[ci * spatial]), to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k]),
@@ -265,10 +261,7 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
       } else {
         const int wpos = p % W, h = (p / W) % H, d = p / (W * H);
         const float z = recompute_class_value(x, w, bias, s, n, co, d, h, wpos, (int)cls);
-        const float u = leaky(z, slope);
-        const float outer = leaky_slope(m * u, slope) * g;
-        dz = outer * m * leaky_slope(z, slope);
-        dm_term = outer * u;
+        winner_gradients(z, m, g, slope, dz, dm_term);
       }
       sum_dz += dz;
       sum_dm += dm_term;
@@ -394,8 +387,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
 #pragma unroll
         for (int cls = 0; cls < 8; ++cls) {
           if (o & ~cls) continue;  // class cls reaches input i from pooled i - o only if o <= cls
-          const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
-                        tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
+          const int k = class_tap(cls, o);
           const float4 b = reinterpret_cast<const float4*>(ws)[(k * ksteps + kk) * 32 + lane];
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
@@ -512,8 +504,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     pair_of(j < my_pairs ? j * 8 + warp : warp, cls, o);
     my_cls[j] = cls;
     my_o[j] = o;
-    my_k[j] = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 + tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 +
-              tap_k(cls & 1, o & 1);
+    my_k[j] = class_tap(cls, o);
   }
   float acc[4][4][4];  // [pair][co n-tile][r]: row ci = g (+8), column co = nt*8 + 2t (+1)
 #pragma unroll

@@ -64,6 +64,11 @@ constexpr int kCoTile = 32;  // output channels per block (blockIdx.y picks the 
 
 // Kernel index along one axis for parity p and input offset o (see the note above).
 __host__ __device__ constexpr int tap_k(int p, int o) { return p ? (o ? 0 : 2) : 1; }
+// Flat weight tap kd*9 + kh*3 + kw that class `cls` applies at input offset `o` (o <= cls).
+__host__ __device__ constexpr int class_tap(int cls, int o) {
+  return tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 + tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 +
+         tap_k(cls & 1, o & 1);
+}
 
 // Halo index of pooled row `row` (w within the tile) for warp/h-line hl and offset o.
 __device__ __forceinline__ int halo_pos(int o, int hl, int row) {
@@ -201,8 +206,7 @@ __device__ __forceinline__ void accumulate_class_tf32(float (&acc)[MT][4][4], in
 #pragma unroll
   for (int o = 0; o < 8; ++o) {
     if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
-    const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
-                  tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
+    const int k = class_tap(cls, o);
     const int p0 = halo_pos(o, hl, row0 + g);
     for (int kk = 0; kk < ksteps; ++kk) {
       const float* xa = xs + (kk * 8 + t) * kXStride + p0;

@@ -127,8 +127,7 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
 #pragma unroll
     for (int o = 0; o < 8; ++o) {
       if (o & ~cls) continue;
-      const int k = tap_k((cls >> 2) & 1, (o >> 2) & 1) * 9 +
-                    tap_k((cls >> 1) & 1, (o >> 1) & 1) * 3 + tap_k(cls & 1, o & 1);
+      const int k = class_tap(cls, o);
       const float* xa = xs + halo_pos(o, hl, wg * 4);
       const float4* wa = reinterpret_cast<const float4*>(ws + k * ci_padded * kCoTile) + cg * 2;
 #pragma unroll 4
