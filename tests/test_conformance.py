@@ -68,6 +68,24 @@ def test_half_types(backend_name, device, generator, case, dtype):
     check_against_oracle(backend_name, inputs, generator)
 
 
+# The fast paths cut the work into tiles (the cuda backend: 8 x 32 pooled positions, 32 output
+# channels, C_in in mma steps of 8). These cases cross every edge: H and W past one tile, C_out
+# past one channel chunk and not a multiple of 8, C_in taking one, two and three mma steps.
+TILE_EDGES = [
+    Case(batch=2, in_channels=16, out_channels=32, spatial=(2, 9, 34)),
+    Case(batch=1, in_channels=20, out_channels=40, spatial=(2, 10, 33)),
+    Case(batch=1, in_channels=5, out_channels=36, spatial=(3, 17, 3)),
+]
+
+
+@pytest.mark.parametrize("precision", ["tf32", "ieee", "bfloat16"])
+@pytest.mark.parametrize("case", TILE_EDGES, ids=[c.label() for c in TILE_EDGES])
+def test_tile_edges(backend_name, device, generator, case, precision):
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    inputs = make_inputs(case, dtype, device, generator)
+    check_against_oracle(backend_name, inputs, generator, allow_tf32=precision != "ieee")
+
+
 def test_benchmark_channels(backend_name, device, generator):
     """The benchmark problem's channel counts (16 -> 32) at a small spatial size, fp32."""
     case = Case(batch=1, in_channels=16, out_channels=32, spatial=(2, 4, 3))

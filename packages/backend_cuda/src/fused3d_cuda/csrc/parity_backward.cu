@@ -56,7 +56,9 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
     float* __restrict__ channel_partials, BlockShape s, BackwardGeometry geo, int accumulate) {
   extern __shared__ float4 smem4[];
-  const int cip = geo.ci_padded;
+  // C_in padded to 16 whatever it is (this path is rare: only without a usable y), so the mma
+  // loops have a fixed K.
+  constexpr int cip = kMaxCin;
   float* ws = reinterpret_cast<float*>(smem4);
   float* xs_base = ws + kTaps * cip * kCoTile;
   const int xs_size = cip * kXStride;
@@ -75,7 +77,7 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
                     cip);
   }
   cp_async_commit();
-  stage_weights_tf32<T>(ws, w, s, 0, cip);
+  stage_weights_tf32<T, cip / 8>(ws, w, s, 0);
   if (threadIdx.x < kCoTile) {
     const bool valid = (int)threadIdx.x < s.out_channels;
     bias_s[threadIdx.x] = (valid && bias) ? to_acc(bias[threadIdx.x]) : 0.f;
@@ -85,7 +87,6 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
   // owned by one lane (no races, fixed order).
   for (int e = threadIdx.x; e < kWinnerWarps * 64; e += blockDim.x) reduce_s[e] = 0.f;
 
-  const int ksteps = cip / 8;
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
     const TileCoord c = decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles);
     const int next = tile + gridDim.x;
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
 #pragma unroll 1  // rolled: keeps the kernel inside the instruction cache
     for (int cls = 0; cls < 8; ++cls) {
       float acc[MT][4][4];
-      accumulate_class_tf32<false, MT>(acc, cls, xs, smem4, hl, row0, lane, ksteps);
+      accumulate_class_tf32<MT, cip / 8, false>(acc, cls, xs, smem4, hl, row0, lane, nullptr);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -300,19 +301,23 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   const int64_t spatial = (int64_t)D * H * W;
   const float* dz_n = packed_dz + (int64_t)c.n * s.out_channels * spatial;
-  const int total = cop * kHalo;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int co = e / kHalo;
-    const int r = e - co * kHalo;
-    const int ww = r % kHaloW;
-    const int hh = (r / kHaloW) % kHaloH;
-    const int dd = r / (kHaloW * kHaloH);
-    const int md = c.d - 1 + dd, mh = c.h0 - 1 + hh, mw = c.w0 - 1 + ww;
-    const bool valid = co < s.out_channels && md >= 0 && mh >= 0 && mw >= 0 && md < D &&
-                       mh < H && mw < W;
-    const float* src = valid ? dz_n + co * spatial + ((int64_t)md * H + mh) * W + mw : packed_dz;
-    cp_async_f32(dzs + co * kXStride + r, src, valid);
-  }
+  for_each_halo_plane(cop, [&](int co, int dd, int lane) {
+    const int md = c.d - 1 + dd;
+    const bool plane_valid = co < s.out_channels && md >= 0 && md < D;
+    int64_t offset = plane_valid ? co * spatial + ((int64_t)md * H + c.h0 - 1) * W + c.w0 - 1 : 0;
+    float* dst = dzs + co * kXStride + dd * kHaloH * kHaloW;
+#pragma unroll 3
+    for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloW) {
+      const int mh = c.h0 - 1 + hh;
+      const bool row_valid = plane_valid && mh >= 0 && mh < H;
+#pragma unroll
+      for (int ww = lane; ww < kHaloW; ww += 32) {
+        const int mw = c.w0 - 1 + ww;
+        const bool valid = row_valid && mw >= 0 && mw < W;
+        cp_async_f32(dst + ww, valid ? dz_n + offset + ww : packed_dz, valid);
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -457,35 +462,9 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
 
   auto issue = [&](int tile_index, int buffer) {
     const TileCoord c = decode_tile(tile_index, s.in_size[0], geo.h_tiles, geo.w_tiles);
-    float* xs = xs_base + buffer * xs_size;
-    if constexpr (std::is_same<T, float>::value) {
-      const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-      const int64_t spatial = (int64_t)D * H * W;
-      const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
-      for (int e = threadIdx.x; e < cip * kHalo; e += blockDim.x) {
-        const int ci = e / kHalo, r = e - ci * kHalo;
-        const int ww = r % kHaloW, hh = (r / kHaloW) % kHaloH, dd = r / (kHaloW * kHaloH);
-        const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
-        const bool valid = ci < s.in_channels && id < D && ih < H && iw < W;
-        const float* src = valid ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : x;
-        cp_async_f32(xs + ci * kXStrideT + r, src, valid);
-      }
-    } else {
-      const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-      const int64_t spatial = (int64_t)D * H * W;
-      const T* x_n = x + (int64_t)c.n * s.in_channels * spatial;
-      for (int e = threadIdx.x; e < cip * kHalo; e += blockDim.x) {
-        const int ci = e / kHalo, r = e - ci * kHalo;
-        const int ww = r % kHaloW, hh = (r / kHaloW) % kHaloH, dd = r / (kHaloW * kHaloH);
-        const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
-        float v = 0.f;
-        if (ci < s.in_channels && id < D && ih < H && iw < W)
-          v = to_acc(x_n[ci * spatial + ((int64_t)id * H + ih) * W + iw]);
-        xs[ci * kXStrideT + r] = v;
-      }
-    }
+    issue_x_tile<T>(xs_base + buffer * xs_size, x, s, c, cip, kXStrideT);
     float* dzs = dz_base + buffer * dz_size;
-    const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+    const int H = s.in_size[1], W = s.in_size[2];
     for (int e = threadIdx.x; e < cop * kTilePositions; e += blockDim.x) {
       const int co = e / kTilePositions, p = e % kTilePositions;
       const int h = c.h0 + p / kTileW, wpos = c.w0 + p % kTileW;
@@ -493,7 +472,6 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
       const float* src = valid ? packed_dz + pooled_offset(s, c, co, h, wpos) : packed_dz;
       cp_async_f32(dzs + co * kDzStrideT + p, src, valid);
     }
-    (void)D;
   };
 
   int my_cls[4], my_o[4], my_k[4];
@@ -632,9 +610,9 @@ inline BackwardGeometry geometry_of(const BlockShape& s) {
   return geo;
 }
 
-inline size_t winner_smem(const BackwardGeometry& g) {
+inline size_t winner_smem() {
   return sizeof(float) *
-         ((size_t)kTaps * g.ci_padded * kCoTile + 2 * (size_t)g.ci_padded * kXStride + 2 * kCoTile +
+         ((size_t)kTaps * kMaxCin * kCoTile + 2 * (size_t)kMaxCin * kXStride + 2 * kCoTile +
           kWinnerWarps * 64);
 }
 inline size_t grad_x_smem(const BackwardGeometry& g) {
@@ -706,7 +684,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
     auto winner = parity_winner_grad_kernel<T>;
     auto grad_x_kernel = parity_grad_x_kernel<T>;
     auto grad_w_kernel = parity_grad_weight_kernel<T>;
-    const size_t smem = winner_smem(geo), smem_x = grad_x_smem(geo),
+    const size_t smem = winner_smem(), smem_x = grad_x_smem(geo),
                  smem_w = grad_weight_smem(geo);
     if ((e = raise_smem_limit(reinterpret_cast<const void*>(winner), smem)) != cudaSuccess ||
         (e = raise_smem_limit(reinterpret_cast<const void*>(grad_x_kernel), smem_x)) !=

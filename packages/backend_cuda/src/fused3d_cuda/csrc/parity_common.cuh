@@ -98,30 +98,6 @@ __device__ __forceinline__ float to_tf32(float v) {
   return __uint_as_float(r);
 }
 
-// Stage x[n, :, d..d+1, h0..h0+8, w0..w0+32] (zero outside the input) as [ci][halo] floats.
-template <typename T, bool kRoundTf32>
-__device__ __forceinline__ void load_x_tile(float* __restrict__ xs, const T* __restrict__ x,
-                                            const BlockShape& s, TileCoord c, int ci_padded) {
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  const int64_t spatial = (int64_t)D * H * W;
-  const T* x_n = x + (int64_t)c.n * s.in_channels * spatial;
-  const int total = ci_padded * kHalo;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int ci = e / kHalo;
-    const int r = e - ci * kHalo;
-    const int ww = r % kHaloW;
-    const int hh = (r / kHaloW) % kHaloH;
-    const int dd = r / (kHaloW * kHaloH);
-    const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
-    float v = 0.f;
-    if (ci < s.in_channels && id < D && ih < H && iw < W) {
-      v = to_acc(x_n[ci * spatial + ((int64_t)id * H + ih) * W + iw]);
-      if (kRoundTf32) v = to_tf32(v);
-    }
-    xs[ci * kXStride + r] = v;
-  }
-}
-
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool valid) {
   const unsigned dst_addr = (unsigned)__cvta_generic_to_shared(dst);
   const int bytes = valid ? 4 : 0;  // 0 source bytes: the copy writes zero
@@ -134,29 +110,46 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Stage one x halo tile: fp32 through cp.async (asynchronous), other types converted inline.
+// Walk a halo tile [channel][dd][hh][ww] (channels x kHaloD planes of kHaloH x kHaloW floats)
+// one plane per warp at a time, lanes along w, rows by pointer steps: the index arithmetic
+// is paid per plane, not per element (per element it cost a fifth of the forward's
+// instructions). fn(channel, dd, lane) walks the plane's rows itself. A thread gets the same
+// elements of every tile (round_own_x_tile_tf32 relies on it).
+template <typename PlaneFn>
+__device__ __forceinline__ void for_each_halo_plane(int channels, PlaneFn fn) {
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  for (int plane = threadIdx.x >> 5; plane < channels * kHaloD; plane += warps)
+    fn(plane / kHaloD, plane % kHaloD, lane);
+}
+
+// Stage x[n, :, d..d+1, h0..h0+8, w0..w0+32] (zero outside the input) as [ci][halo] floats with
+// channel stride `stride`: fp32 through cp.async (asynchronous), other types converted inline.
 template <typename T>
 __device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockShape& s,
-                                             TileCoord c, int ci_padded) {
-  if constexpr (std::is_same<T, float>::value) {
-    const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-    const int64_t spatial = (int64_t)D * H * W;
-    const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
-    const int total = ci_padded * kHalo;
-    for (int e = threadIdx.x; e < total; e += blockDim.x) {
-      const int ci = e / kHalo;
-      const int r = e - ci * kHalo;
-      const int ww = r % kHaloW;
-      const int hh = (r / kHaloW) % kHaloH;
-      const int dd = r / (kHaloW * kHaloH);
-      const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
-      const bool valid = ci < s.in_channels && id < D && ih < H && iw < W;
-      const float* src = valid ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : x;
-      cp_async_f32(xs + ci * kXStride + r, src, valid);
+                                             TileCoord c, int ci_padded, int stride = kXStride) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int64_t spatial = (int64_t)D * H * W;
+  const T* x_n = x + (int64_t)c.n * s.in_channels * spatial;
+  for_each_halo_plane(ci_padded, [&](int ci, int dd, int lane) {
+    const int id = c.d + dd;
+    const bool plane_valid = ci < s.in_channels && id < D;
+    int64_t offset = plane_valid ? ci * spatial + ((int64_t)id * H + c.h0) * W + c.w0 : 0;
+    float* dst = xs + ci * stride + dd * kHaloH * kHaloW;
+#pragma unroll 3
+    for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloW) {
+      const bool row_valid = plane_valid && c.h0 + hh < H;
+#pragma unroll
+      for (int ww = lane; ww < kHaloW; ww += 32) {
+        const bool valid = row_valid && c.w0 + ww < W;
+        const T* src = valid ? x_n + offset + ww : x;
+        if constexpr (std::is_same<T, float>::value) {
+          cp_async_f32(dst + ww, src, valid);
+        } else {
+          dst[ww] = valid ? to_acc(*src) : 0.f;
+        }
+      }
     }
-  } else {
-    load_x_tile<T, false>(xs, x, s, c, ci_padded);
-  }
+  });
 }
 
 // fp32 bits rounded to the nearest TF32 (ties away from zero; inf and NaN kept).
@@ -175,60 +168,131 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 
-// Round this thread's own elements of an x tile (the ones its cp.async calls wrote, now
+// Round this thread's own elements of an x tile (the ones its issue_x_tile calls wrote, now
 // complete) to TF32 in place, so the mma loops read ready operands. Call between
 // cp_async_wait and the __syncthreads that publishes the tile.
 __device__ __forceinline__ void round_own_x_tile_tf32(float* xs, int ci_padded, int stride) {
-  const int total = ci_padded * kHalo;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int ci = e / kHalo;
-    float* p = xs + ci * stride + (e - ci * kHalo);
-    *p = to_tf32(*p);
+  for_each_halo_plane(ci_padded, [&](int ci, int dd, int lane) {
+    float* row = xs + ci * stride + dd * kHaloH * kHaloW;
+#pragma unroll 3
+    for (int hh = 0; hh < kHaloH; ++hh, row += kHaloW)
+#pragma unroll
+      for (int ww = lane; ww < kHaloW; ww += 32) row[ww] = to_tf32(row[ww]);
+  });
+}
+
+// The 27 taps in class order (offsets o ascending within a class), each packed as its x halo
+// offset (low 16 bits) and its weight tap k (high bits): per tap the mma loop then reads one
+// uniform constant instead of working o, k and the halo position out again.
+struct TapTable {
+  int first[9];     // taps of class c: first[c] .. first[c + 1] - 1
+  int packed[27];
+};
+
+__host__ __device__ constexpr TapTable make_tap_table() {
+  TapTable table{};
+  int n = 0;
+  for (int cls = 0; cls < 8; ++cls) {
+    table.first[cls] = n;
+    for (int o = 0; o < 8; ++o) {
+      if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
+      const int halo_offset = (((o >> 2) & 1) * kHaloH + ((o >> 1) & 1)) * kHaloW + (o & 1);
+      table.packed[n++] = halo_offset | (class_tap(cls, o) << 16);
+    }
   }
+  table.first[8] = n;
+  return table;
+}
+
+static __constant__ TapTable kTapTable = make_tap_table();
+
+// The mma operands of one tap: A fragments (x) of KSTEPS k-steps for MT row tiles, B fragments
+// (weights) for the 4 channel n-tiles of each k-step.
+template <int MT, int KSTEPS>
+struct TapFragments {
+  uint32_t a[KSTEPS][MT][4];
+  float4 b[KSTEPS][2];
+};
+
+// xa: this lane's x address at offset 0 (row t of the k-step, its pooled row g); wb: this
+// lane's first weight fragment.
+template <int MT, int KSTEPS>
+__device__ __forceinline__ void load_tap(TapFragments<MT, KSTEPS>& f, int tap,
+                                         const float* __restrict__ xa,
+                                         const float4* __restrict__ wb) {
+  const int packed = kTapTable.packed[tap];
+  xa += packed & 0xffff;
+  wb += (packed >> 16) * (KSTEPS * 64);
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float* p = xa + kk * 8 * kXStride + mt * 16;
+      f.a[kk][mt][0] = __float_as_uint(p[0]);
+      f.a[kk][mt][1] = __float_as_uint(p[8]);
+      f.a[kk][mt][2] = __float_as_uint(p[4 * kXStride]);
+      f.a[kk][mt][3] = __float_as_uint(p[4 * kXStride + 8]);
+    }
+    f.b[kk][0] = wb[kk * 64];
+    f.b[kk][1] = wb[kk * 64 + 32];
+  }
+}
+
+template <int MT, int KSTEPS>
+__device__ __forceinline__ void mma_tap(float (&acc)[MT][4][4], const TapFragments<MT, KSTEPS>& f) {
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_tf32(acc[mt][0], f.a[kk][mt], f.b[kk][0].x, f.b[kk][0].y);
+      mma_tf32(acc[mt][1], f.a[kk][mt], f.b[kk][0].z, f.b[kk][0].w);
+      mma_tf32(acc[mt][2], f.a[kk][mt], f.b[kk][1].x, f.b[kk][1].y);
+      mma_tf32(acc[mt][3], f.a[kk][mt], f.b[kk][1].z, f.b[kk][1].w);
+    }
 }
 
 // Conv values of parity class `cls` for a warp's 16*MT pooled positions (w = row0 ...,
 // h-line hl of the tile) x 32 channels, as mma C fragments: acc[mt][nt][r] is row
-// row0 + mt*16 + g + 8*(r>>1), channel nt*8 + 2t + (r&1). x tile: [ci][halo] floats;
-// weights: B fragments (see stage_weights_tf32).
-template <bool kRound, int MT>
+// row0 + mt*16 + g + 8*(r>>1), channel nt*8 + 2t + (r&1), started from init[channel] (the
+// bias, or zero when init is null). x tile: [ci][halo] floats already rounded to TF32, C_in
+// padded to 8 * KSTEPS; weights: B fragments (see stage_weights_tf32). kPrefetch loads the
+// next tap's operands while the current tap's mma run (two fragment sets, no register
+// copies): worth it where the registers allow (the forward with K = 16; with K = 24 two sets
+// do not fit, with K = 8 the compiler spilled, and the winner kernel holds more state).
+template <int MT, int KSTEPS, bool kPrefetch>
 __device__ __forceinline__ void accumulate_class_tf32(float (&acc)[MT][4][4], int cls,
                                                       const float* __restrict__ xs,
                                                       const float4* __restrict__ ws4, int hl,
-                                                      int row0, int lane, int ksteps) {
+                                                      int row0, int lane,
+                                                      const float* __restrict__ init) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int r = 0; r < 4; ++r) {
+      const float v = init ? init[nt * 8 + 2 * t + (r & 1)] : 0.f;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
-#pragma unroll
-  for (int o = 0; o < 8; ++o) {
-    if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
-    const int k = class_tap(cls, o);
-    const int p0 = halo_pos(o, hl, row0 + g);
-    for (int kk = 0; kk < ksteps; ++kk) {
-      const float* xa = xs + (kk * 8 + t) * kXStride + p0;
-      uint32_t a[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const float v0 = xa[mt * 16], v1 = xa[mt * 16 + 8];
-        const float v2 = xa[4 * kXStride + mt * 16], v3 = xa[4 * kXStride + mt * 16 + 8];
-        a[mt][0] = kRound ? round_tf32_bits(v0) : __float_as_uint(v0);
-        a[mt][1] = kRound ? round_tf32_bits(v1) : __float_as_uint(v1);
-        a[mt][2] = kRound ? round_tf32_bits(v2) : __float_as_uint(v2);
-        a[mt][3] = kRound ? round_tf32_bits(v3) : __float_as_uint(v3);
-      }
-      const float4* wb = ws4 + ((k * ksteps + kk) * 2) * 32 + lane;
-      const float4 b01 = wb[0], b23 = wb[32];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        mma_tf32(acc[mt][0], a[mt], b01.x, b01.y);
-        mma_tf32(acc[mt][1], a[mt], b01.z, b01.w);
-        mma_tf32(acc[mt][2], a[mt], b23.x, b23.y);
-        mma_tf32(acc[mt][3], a[mt], b23.z, b23.w);
-      }
+      for (int mt = 0; mt < MT; ++mt) acc[mt][nt][r] = v;
+    }
+  const float* xa = xs + t * kXStride + halo_pos(0, hl, row0 + g);
+  const float4* wb = ws4 + lane;
+  const int first = kTapTable.first[cls], last = kTapTable.first[cls + 1];  // 1 tap, or even
+  if constexpr (kPrefetch) {
+    TapFragments<MT, KSTEPS> even, odd;
+    load_tap(even, first, xa, wb);
+#pragma unroll 1
+    for (int tap = first; tap < last; tap += 2) {
+      if (tap + 1 < last) load_tap(odd, tap + 1, xa, wb);
+      mma_tap(acc, even);
+      if (tap + 2 < last) load_tap(even, tap + 2, xa, wb);
+      if (tap + 1 < last) mma_tap(acc, odd);
+    }
+  } else {
+#pragma unroll 1
+    for (int tap = first; tap < last; ++tap) {
+      TapFragments<MT, KSTEPS> f;
+      load_tap(f, tap, xa, wb);
+      mma_tap(acc, f);
     }
   }
 }
@@ -236,16 +300,16 @@ __device__ __forceinline__ void accumulate_class_tf32(float (&acc)[MT][4][4], in
 // Stage the weight slice of output channels co0..co0+31 for accumulate_class_tf32, in mma
 // B-fragment order: float4 (k, kk, j, lane) = {B[t][n0+g], B[t+4][n0+g], B[t][n1+g],
 // B[t+4][n1+g]} with n0 = 16j, n1 = 16j + 8 (B[ci][col] = w[ci, co0+col, k]), so one 16-byte
-// load per lane feeds two mma.
-template <typename T>
+// load per lane feeds two mma. C_in is padded with zeros to 8 * KSTEPS.
+template <typename T, int KSTEPS>
 __device__ __forceinline__ void stage_weights_tf32(float* __restrict__ ws, const T* __restrict__ w,
-                                                   const BlockShape& s, int co0, int cip) {
-  const int ksteps = cip / 8;
-  const int weight_floats = 27 * cip * kCoTile;
-  for (int e = threadIdx.x; e < weight_floats; e += blockDim.x) {
+                                                   const BlockShape& s, int co0) {
+  constexpr int kWeightFloats = 27 * 8 * KSTEPS * kCoTile;
+#pragma unroll 2  // not fully: all its loads in flight at once would spill registers
+  for (int e = threadIdx.x; e < kWeightFloats; e += blockDim.x) {
     const int q = e & 3, lane = (e >> 2) & 31, j = (e >> 7) & 1, rest = e >> 8;
-    const int kk = rest % ksteps;
-    const int k = rest / ksteps;
+    const int kk = rest % KSTEPS;
+    const int k = rest / KSTEPS;
     const int ci = kk * 8 + (lane & 3) + ((q & 1) ? 4 : 0);
     const int co = co0 + (2 * j + (q >> 1)) * 8 + (lane >> 2);
     float v = 0.f;

@@ -21,25 +21,34 @@ namespace parity {
 // (16 warps hide the mma and shared-memory latencies better than 8 with twice the rows).
 constexpr int kThreadsTc = 512;
 constexpr int kWarpTilesTc = 1;  // 16-row mma tiles per warp
-// FFMA kernel: 8 warps; warp w owns h-line w of the tile.
+// FFMA kernel: 8 warps, warp w owns h-line w of the tile; two blocks per SM (one x buffer
+// each), so one block's tile load overlaps the other's arithmetic.
 constexpr int kThreadsFfma = 256;
+constexpr int kBlocksPerSmFfma = 2;
 constexpr int kTaps = 27;
 
-// Epilogue of one conv output z (bias not yet added), then PyTorch's pool update into
-// (best, packed index). leaky(m * leaky(t)) is linear on each side of t = 0, so it is
+// Running max-pool of one window, class by class, with PyTorch's rule. The conv value t
+// arrives with its bias; leaky(m * leaky(t)) is linear on each side of t = 0, so it is
 // t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
 // slope (one rounding instead of three; NaN and infinities propagate the same way).
-__device__ __forceinline__ void fold_into_pool(float z, float bias, float c_pos, float c_neg,
-                                               int cls, float& best, uint32_t& win_bytes,
-                                               int byte) {
-  const float t = z + bias;
+// best starts at -inf and every window's class-0 bit is set in `taken`: `best < v or isnan(v)`
+// then takes class 0 unless it is -inf, which leaves index 0 as PyTorch does. Each take sets
+// the class's bit in the window's byte of `taken` (4 windows per word); classes come in index
+// order, so the window index is the byte's highest set bit (window_of_taken).
+constexpr uint32_t kClassZeroTaken = 0x01010101u;
+
+__device__ __forceinline__ void fold_into_pool(float t, float c_pos, float c_neg,
+                                               uint32_t class_bit, float& best,
+                                               uint32_t& taken) {
   const float v = t * (t > 0.f ? c_pos : c_neg);
-  if (cls == 0) {
+  if (pool_takes(best, v)) {
     best = v;
-  } else if (pool_takes(best, v)) {
-    best = v;
-    win_bytes = (win_bytes & ~(0xffu << (8 * byte))) | ((uint32_t)cls << (8 * byte));
+    taken |= class_bit;
   }
+}
+
+__device__ __forceinline__ uint32_t window_of_taken(uint32_t taken, int byte) {
+  return 31u - __clz((taken >> (8 * byte)) & 0xffu);
 }
 
 template <typename T>
@@ -57,38 +66,41 @@ __device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const 
 
 // ------------------------------------------------------------------ tensor-core core (TF32)
 
-template <typename T>
+template <typename T, int KSTEPS>
 __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
                                                   const float4* __restrict__ ws4,
                                                   const float* __restrict__ bias_s,
                                                   const float* __restrict__ slopes_s,
                                                   T* y, uint8_t* window_index,
-                                                  const BlockShape& s, TileCoord c,
-                                                  int ksteps) {
-  // fp16/bf16 values are exact in TF32; fp32 x tiles were rounded to nearest in place.
-  constexpr bool kRound = false;
+                                                  const BlockShape& s, TileCoord c) {
   constexpr int MT = kWarpTilesTc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int hl = warp >> 1, row0 = (warp & 1) * 16;
   const int g = lane >> 2, t = lane & 3;
   float best[MT][4][4];
-  uint32_t win[MT][4];
+  uint32_t taken[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      taken[mt][nt] = kClassZeroTaken;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) best[mt][nt][r] = -INFINITY;
+    }
 #pragma unroll 1  // class loop kept rolled: unrolled, the kernel overflows the instruction cache
   for (int cls = 0; cls < 8; ++cls) {
     float acc[MT][4][4];
-    accumulate_class_tf32<kRound, MT>(acc, cls, xs, ws4, hl, row0, lane, ksteps);
+    accumulate_class_tf32<MT, KSTEPS, KSTEPS == 2>(acc, cls, xs, ws4, hl, row0, lane, bias_s);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        if (cls == 0) win[mt][nt] = 0u;
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int col = nt * 8 + 2 * t + (r & 1);
-          fold_into_pool(acc[mt][nt][r], bias_s[col], slopes_s[col], slopes_s[kCoTile + col],
-                         cls, best[mt][nt][r], win[mt][nt], r);
+          fold_into_pool(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col],
+                         1u << (cls + 8 * r), best[mt][nt][r], taken[mt][nt]);
         }
-      }
   }
   const int co0 = blockIdx.y * kCoTile;
 #pragma unroll
@@ -100,7 +112,7 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
         const int row = row0 + mt * 16 + g + 8 * (r >> 1);
         const int col = nt * 8 + 2 * t + (r & 1);
         store_pooled(y, window_index, s, c, c.h0 + hl, c.w0 + row, co0 + col,
-                     best[mt][nt][r], (win[mt][nt] >> (8 * r)) & 0xffu);
+                     best[mt][nt][r], window_of_taken(taken[mt][nt], r));
       }
 }
 
@@ -116,14 +128,22 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
   const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
   const int cg = lane & 3, wg = lane >> 2;
   float best[4][8];
-  uint32_t win[8];  // byte j = window index of w position j, channel cc
+  uint32_t taken[8];  // byte j: the classes taken at w position j, channel cc
+#pragma unroll
+  for (int cc = 0; cc < 8; ++cc) {
+    taken[cc] = kClassZeroTaken;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) best[j][cc] = -INFINITY;
+  }
 #pragma unroll 1
   for (int cls = 0; cls < 8; ++cls) {
     float acc[4][8];
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int cc = 0; cc < 8; ++cc) {
+      const float b = bias_s[cg * 8 + cc];
 #pragma unroll
-      for (int cc = 0; cc < 8; ++cc) acc[j][cc] = 0.f;
+      for (int j = 0; j < 4; ++j) acc[j][cc] = b;
+    }
 #pragma unroll
     for (int o = 0; o < 8; ++o) {
       if (o & ~cls) continue;
@@ -145,13 +165,11 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
     }
 #pragma unroll
     for (int cc = 0; cc < 8; ++cc) {
-      if (cls == 0) win[cc] = 0u;
+      const int col = cg * 8 + cc;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int col = cg * 8 + cc;
-        fold_into_pool(acc[j][cc], bias_s[col], slopes_s[col], slopes_s[kCoTile + col], cls,
-                       best[j][cc], win[cc], j);
-      }
+      for (int j = 0; j < 4; ++j)
+        fold_into_pool(acc[j][cc], slopes_s[col], slopes_s[kCoTile + col], 1u << (cls + 8 * j),
+                       best[j][cc], taken[cc]);
     }
   }
   const int co0 = blockIdx.y * kCoTile;
@@ -160,7 +178,7 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       store_pooled(y, window_index, s, c, c.h0 + hl, c.w0 + wg * 4 + j, co0 + cg * 8 + cc,
-                   best[j][cc], (win[cc] >> (8 * j)) & 0xffu);
+                   best[j][cc], window_of_taken(taken[cc], j));
 }
 
 // ------------------------------------------------------------------ the kernel
@@ -170,17 +188,26 @@ struct ForwardGeometry {
   int tiles, h_tiles, w_tiles;
 };
 
-template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma, 1) parity_forward_kernel(
-    const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
-    const T* __restrict__ multiplier, T* __restrict__ y, uint8_t* __restrict__ window_index,
-    BlockShape s, ForwardGeometry geo) {
+// x buffers per block: the tensor-core kernel (one block per SM) double-buffers its x tiles;
+// the FFMA kernel runs two blocks per SM with one buffer each.
+template <bool kTensorCores> __host__ __device__ constexpr int x_buffers() { return kTensorCores ? 2 : 1; }
+
+// KSTEPS: C_in / 8 rounded up, fixed at compile time for the tensor-core kernel (its mma loops
+// then unroll fully); 0 for the FFMA kernel, which reads it from the geometry.
+template <typename T, bool kTensorCores, int KSTEPS>
+__global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
+                                  kTensorCores ? 1 : kBlocksPerSmFfma)
+    parity_forward_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                          const T* __restrict__ bias, const T* __restrict__ multiplier,
+                          T* __restrict__ y, uint8_t* __restrict__ window_index, BlockShape s,
+                          ForwardGeometry geo) {
   extern __shared__ float4 smem4[];
-  const int cip = geo.ci_padded;
+  constexpr int kBuffers = x_buffers<kTensorCores>();
+  const int cip = kTensorCores ? 8 * KSTEPS : geo.ci_padded;
   float* ws = reinterpret_cast<float*>(smem4);
-  float* xs_base = ws + kTaps * cip * kCoTile;  // two x buffers of cip * kXStride floats
+  float* xs_base = ws + kTaps * cip * kCoTile;  // kBuffers x buffers of cip * kXStride floats
   const int xs_size = cip * kXStride;
-  float* bias_s = xs_base + 2 * xs_size;
+  float* bias_s = xs_base + kBuffers * xs_size;
   float* slopes_s = bias_s + kCoTile;  // [c_pos x 32][c_neg x 32]
   const int co0 = blockIdx.y * kCoTile;
   if ((int)blockIdx.x >= geo.tiles) return;
@@ -191,9 +218,8 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma, 1) p
                   cip);
   cp_async_commit();
 
-  const int ksteps = cip / 8;
   if constexpr (kTensorCores) {
-    stage_weights_tf32<T>(ws, w, s, co0, cip);
+    stage_weights_tf32<T, KSTEPS>(ws, w, s, co0);
   } else {
     // FFMA layout: [k][ci][col], 8 consecutive channels per 32-byte read.
     const int weight_floats = kTaps * cip * kCoTile;
@@ -218,24 +244,31 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma, 1) p
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
     const TileCoord c = decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles);
+    float* xs = xs_base + (it % kBuffers) * xs_size;
     const int next = tile + gridDim.x;
-    if (next < geo.tiles) {
-      issue_x_tile<T>(xs_base + ((it + 1) & 1) * xs_size, x, s,
-                      decode_tile(next, s.in_size[0], geo.h_tiles, geo.w_tiles), cip);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
+    if constexpr (kBuffers == 2) {  // fetch the next tile into the other buffer meanwhile
+      if (next < geo.tiles) {
+        issue_x_tile<T>(xs_base + ((it + 1) & 1) * xs_size, x, s,
+                        decode_tile(next, s.in_size[0], geo.h_tiles, geo.w_tiles), cip);
+        cp_async_commit();
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {  // one buffer: this tile is fetched once the previous one is done with it
+      if (it > 0) {
+        issue_x_tile<T>(xs, x, s, c, cip);
+        cp_async_commit();
+      }
       cp_async_wait<0>();
     }
-    if (kTensorCores && std::is_same<T, float>::value)
-      round_own_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStride);
+    if (kTensorCores && std::is_same<T, float>::value) round_own_x_tile_tf32(xs, cip, kXStride);
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
     if constexpr (kTensorCores) {
-      tile_compute_tf32<T>(xs_base + (it & 1) * xs_size, smem4, bias_s, slopes_s, y,
-                           window_index, s, c, ksteps);
+      tile_compute_tf32<T, KSTEPS>(xs, smem4, bias_s, slopes_s, y, window_index, s, c);
     } else {
-      tile_compute_ffma(xs_base + (it & 1) * xs_size, ws, bias_s, slopes_s,
-                        reinterpret_cast<float*>(y), window_index, s, c, cip);
+      tile_compute_ffma(xs, ws, bias_s, slopes_s, reinterpret_cast<float*>(y), window_index, s,
+                        c, cip);
     }
     __syncthreads();  // everyone is done with this buffer before it is refilled
   }
@@ -243,12 +276,14 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma, 1) p
 
 inline int ci_padded_of(const BlockShape& s) { return (s.in_channels + 7) / 8 * 8; }
 
-inline size_t forward_smem_bytes(const BlockShape& s) {
+inline size_t forward_smem_bytes(const BlockShape& s, bool tensor_cores) {
   const int cip = ci_padded_of(s);
-  return sizeof(float) * ((size_t)kTaps * cip * kCoTile + 2 * (size_t)cip * kXStride + 3 * kCoTile);
+  const size_t buffers = tensor_cores ? x_buffers<true>() : x_buffers<false>();
+  return sizeof(float) *
+         ((size_t)kTaps * cip * kCoTile + buffers * cip * kXStride + 3 * kCoTile);
 }
 
-template <typename T, bool kTensorCores>
+template <typename T, bool kTensorCores, int KSTEPS>
 cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t stream) {
   ForwardGeometry geo;
   geo.ci_padded = ci_padded_of(s);
@@ -257,57 +292,79 @@ cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t
   const int64_t tiles = s.batch * s.in_size[0] * (int64_t)geo.h_tiles * geo.w_tiles;
   geo.tiles = (int)tiles;
   if (tiles == 0 || s.out_channels == 0) return cudaSuccess;
-  const size_t smem = forward_smem_bytes(s);
-  auto kernel = parity_forward_kernel<T, kTensorCores>;
+  const size_t smem = forward_smem_bytes(s, kTensorCores);
+  const int threads = kTensorCores ? kThreadsTc : kThreadsFfma;
+  auto kernel = parity_forward_kernel<T, kTensorCores, KSTEPS>;
   cudaError_t e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem);
   if (e != cudaSuccess) return e;
-  int sms = 0;
+  int sms = 0, per_sm = 0;
   if ((e = current_sm_count(&sms)) != cudaSuccess) return e;
+  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem)) !=
+      cudaSuccess)
+    return e;
+  if (per_sm < 1) per_sm = 1;
   const int co_chunks = (s.out_channels + kCoTile - 1) / kCoTile;
-  // One resident block per SM (the smem budget allows one): spread them over the chunks.
-  int blocks = (sms + co_chunks - 1) / co_chunks;
+  // A persistent grid of the resident blocks, spread over the channel chunks.
+  int blocks = (sms * per_sm + co_chunks - 1) / co_chunks;
   if (blocks < 1) blocks = 1;
   if (blocks > geo.tiles) blocks = geo.tiles;
-  kernel<<<dim3(blocks, co_chunks), kTensorCores ? kThreadsTc : kThreadsFfma, smem, stream>>>(
+  kernel<<<dim3(blocks, co_chunks), threads, smem, stream>>>(
       static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
       static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier), static_cast<T*>(a.y),
       a.window_index, s, geo);
   return cudaGetLastError();
 }
 
+// The tensor-core kernel for C_in padded to 8, 16 or 24.
+template <typename T>
+cudaError_t launch_tensor_cores(const BlockShape& s, const ForwardArgs& a, cudaStream_t stream) {
+  switch (ci_padded_of(s) / 8) {
+    case 1: return launch_typed<T, true, 1>(s, a, stream);
+    case 2: return launch_typed<T, true, 2>(s, a, stream);
+    case 3: return launch_typed<T, true, 3>(s, a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace parity
 
-bool parity_forward_supported(const BlockShape& s, DType dtype, bool /*allow_tf32*/) {
+bool parity_forward_supported(const BlockShape& s, DType dtype, bool allow_tf32) {
   if (!s.is_parity_fast_path() || dtype == DType::Float64) return false;
+  if (s.in_channels > 24) return false;  // the tensor-core kernel is built for C_in <= 24
   for (int a = 0; a < 3; ++a)
     if (s.pooled_size[a] != s.in_size[a]) return false;
   const int64_t tiles = s.batch * s.in_size[0] *
                         (int64_t)((s.in_size[1] + parity::kTileH - 1) / parity::kTileH) *
                         ((s.in_size[2] + parity::kTileW - 1) / parity::kTileW);
   if (tiles >= (1LL << 31) || s.out_channels > 65535 * parity::kCoTile) return false;
-  return parity::forward_smem_bytes(s) <= 227 * 1024;
+  const bool tensor_cores = dtype != DType::Float32 || allow_tf32;
+  return parity::forward_smem_bytes(s, tensor_cores) <= 227 * 1024;
 }
 
 cudaError_t launch_parity_forward(const BlockShape& s, DType dtype, bool allow_tf32,
                                   const ForwardArgs& a, cudaStream_t stream) {
   switch (dtype) {
     case DType::Float32:
-      return allow_tf32 ? parity::launch_typed<float, true>(s, a, stream)
-                        : parity::launch_typed<float, false>(s, a, stream);
-    case DType::Float16: return parity::launch_typed<__half, true>(s, a, stream);
-    case DType::BFloat16: return parity::launch_typed<__nv_bfloat16, true>(s, a, stream);
+      return allow_tf32 ? parity::launch_tensor_cores<float>(s, a, stream)
+                        : parity::launch_typed<float, false, 0>(s, a, stream);
+    case DType::Float16: return parity::launch_tensor_cores<__half>(s, a, stream);
+    case DType::BFloat16: return parity::launch_tensor_cores<__nv_bfloat16>(s, a, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // Explicit instantiations: every shipped kernel appears in `nvcc -Xptxas -v` of this file.
-#define FUSED3D_INSTANTIATE_PARITY_FORWARD(T, TC)                                          \
-  template __global__ void parity::parity_forward_kernel<T, TC>(                           \
+#define FUSED3D_INSTANTIATE_PARITY_FORWARD(T, TC, KSTEPS)                                  \
+  template __global__ void parity::parity_forward_kernel<T, TC, KSTEPS>(                   \
       const T*, const T*, const T*, const T*, T*, uint8_t*, BlockShape,                    \
       parity::ForwardGeometry);
-FUSED3D_INSTANTIATE_PARITY_FORWARD(float, true)
-FUSED3D_INSTANTIATE_PARITY_FORWARD(float, false)
-FUSED3D_INSTANTIATE_PARITY_FORWARD(__half, true)
-FUSED3D_INSTANTIATE_PARITY_FORWARD(__nv_bfloat16, true)
+#define FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(T) \
+  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, true, 1) \
+  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, true, 2) \
+  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, true, 3)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(float)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(__half)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(__nv_bfloat16)
+FUSED3D_INSTANTIATE_PARITY_FORWARD(float, false, 0)
 
 }  // namespace fused3d_cuda
