@@ -27,7 +27,7 @@ constexpr int kTaps = 27;
 constexpr int kMaxCin = 16;   // dx: one 16-wide n block of input channels; dW: one m-tile
 constexpr int kMaxCout = 32;  // one 32-channel slice
 // dW kernel strides: = 4 (mod 32) words so an mma fragment's 8x4 lanes hit distinct banks.
-constexpr int kXStrideT = 596;                 // x tile [ci][halo], ci = fragment row
+constexpr int kXStrideT = 676;                 // x tile [ci][halo], ci = fragment row
 constexpr int kTilePositions = kTileH * kTileW;  // 256 pooled positions
 constexpr int kDzStrideT = kTilePositions + 4;   // dz tile [co][position]
 
@@ -98,8 +98,10 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
     } else {
       cp_async_wait<0>();
     }
-    if (std::is_same<T, float>::value)
-      round_own_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStride);
+    if (std::is_same<T, float>::value) {
+      __syncthreads();  // every copy of the tile landed
+      round_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStride);
+    }
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const int h = c.h0 + hl;
@@ -293,7 +295,7 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
 // Halo index of pooled position i - o for input row `row` of h-line hl (the dz halo starts
 // one before the tile on each axis).
 __device__ __forceinline__ int back_halo_pos(int o, int hl, int row) {
-  return ((1 - ((o >> 2) & 1)) * kHaloH + hl + 1 - ((o >> 1) & 1)) * kHaloW + row + 1 - (o & 1);
+  return ((1 - ((o >> 2) & 1)) * kHaloH + hl + 1 - ((o >> 1) & 1)) * kHaloRow + row + 1 - (o & 1);
 }
 
 __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz,
@@ -305,9 +307,9 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
     const int md = c.d - 1 + dd;
     const bool plane_valid = co < s.out_channels && md >= 0 && md < D;
     int64_t offset = plane_valid ? co * spatial + ((int64_t)md * H + c.h0 - 1) * W + c.w0 - 1 : 0;
-    float* dst = dzs + co * kXStride + dd * kHaloH * kHaloW;
+    float* dst = dzs + co * kXStride + dd * kHaloH * kHaloRow;
 #pragma unroll 3
-    for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloW) {
+    for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloRow) {
       const int mh = c.h0 - 1 + hh;
       const bool row_valid = plane_valid && mh >= 0 && mh < H;
 #pragma unroll
@@ -504,8 +506,10 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     } else {
       cp_async_wait<0>();
     }
-    if (std::is_same<T, float>::value)
-      round_own_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStrideT);
+    if (std::is_same<T, float>::value) {
+      __syncthreads();  // every copy of the tile landed
+      round_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStrideT);
+    }
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const float* dzs = dz_base + (it & 1) * dz_size;

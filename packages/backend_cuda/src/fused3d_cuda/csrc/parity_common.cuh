@@ -56,7 +56,10 @@ inline cudaError_t raise_smem_limit(const void* kernel, size_t bytes) {
 constexpr int kTileH = 8;
 constexpr int kTileW = 32;
 constexpr int kHaloD = 2, kHaloH = kTileH + 1, kHaloW = kTileW + 1;
-constexpr int kHalo = kHaloD * kHaloH * kHaloW;  // 594 positions
+// Row stride of a halo tile in shared memory: kHaloW rounded up to 4, so each row starts
+// 16-byte aligned and its first 32 values arrive as 8 16-byte copies (the pad is never read).
+constexpr int kHaloRow = (kHaloW + 3) / 4 * 4;
+constexpr int kHalo = kHaloD * kHaloH * kHaloRow;  // 648 floats per channel
 // Channel stride of the x tile in shared memory: = 8 (mod 16) words, so the 4 channel rows a
 // warp's mma fragment touches land in distinct bank octets (conflict-free loads).
 constexpr int kXStride = ((kHalo + 7) / 8 % 2 == 1) ? (kHalo + 7) / 8 * 8 : (kHalo + 7) / 8 * 8 + 8;
@@ -72,7 +75,7 @@ __host__ __device__ constexpr int class_tap(int cls, int o) {
 
 // Halo index of pooled row `row` (w within the tile) for warp/h-line hl and offset o.
 __device__ __forceinline__ int halo_pos(int o, int hl, int row) {
-  return (((o >> 2) & 1) * kHaloH + hl + ((o >> 1) & 1)) * kHaloW + row + (o & 1);
+  return (((o >> 2) & 1) * kHaloH + hl + ((o >> 1) & 1)) * kHaloRow + row + (o & 1);
 }
 
 struct TileCoord {
@@ -110,11 +113,17 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Walk a halo tile [channel][dd][hh][ww] (channels x kHaloD planes of kHaloH x kHaloW floats)
-// one plane per warp at a time, lanes along w, rows by pointer steps: the index arithmetic
-// is paid per plane, not per element (per element it cost a fifth of the forward's
-// instructions). fn(channel, dd, lane) walks the plane's rows itself. A thread gets the same
-// elements of every tile (round_own_x_tile_tf32 relies on it).
+// 16-byte copy of `bytes` (0..16) source bytes; the rest of the 16 destination bytes is zeroed.
+__device__ __forceinline__ void cp_async_16(float* dst, const float* src, int bytes) {
+  const unsigned dst_addr = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src),
+               "r"(bytes));
+}
+
+// Walk a halo tile [channel][dd][hh][ww] (channels x kHaloD planes of kHaloH rows of kHaloW
+// values, rows kHaloRow apart) one plane per warp at a time, lanes along w, rows by pointer
+// steps, so the index arithmetic is paid per plane and not per element. fn(channel, dd, lane)
+// walks the plane's rows itself.
 template <typename PlaneFn>
 __device__ __forceinline__ void for_each_halo_plane(int channels, PlaneFn fn) {
   const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -122,21 +131,55 @@ __device__ __forceinline__ void for_each_halo_plane(int channels, PlaneFn fn) {
     fn(plane / kHaloD, plane % kHaloD, lane);
 }
 
+// fp32 x tile by 16-byte copies: each row's first 32 values as 8 chunks (the copy zero-fills
+// a chunk's part past W, or all of it outside the input), the 33rd value on its own. Needs
+// W % 4 == 0 and a 16-byte aligned x, so that every row starts aligned.
+__device__ __forceinline__ void issue_x_tile_chunks(float* xs, const float* x, const BlockShape& s,
+                                                    TileCoord c, int ci_padded, int stride) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int64_t spatial = (int64_t)D * H * W;
+  const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
+  constexpr int kChunks = kTileW / 4, kPieces = kChunks + 1, kRows = kHaloD * kHaloH;
+  const int total = ci_padded * kRows * kPieces;
+  for (int e = threadIdx.x; e < total; e += blockDim.x) {
+    const int row = e / kPieces, piece = e - row * kPieces;
+    const int ci = row / kRows, rest = row - ci * kRows;  // rest = dd * kHaloH + hh
+    const int dd = rest / kHaloH, hh = rest - dd * kHaloH;
+    const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + piece * 4;
+    const int width = piece < kChunks ? 4 : 1;
+    const int values = (ci < s.in_channels && id < D && ih < H) ? max(0, min(width, W - iw)) : 0;
+    const float* src = values > 0 ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : x;
+    float* dst = xs + ci * stride + rest * kHaloRow + piece * 4;
+    if (piece < kChunks) {
+      cp_async_16(dst, src, 4 * values);
+    } else {
+      cp_async_f32(dst, src, values > 0);
+    }
+  }
+}
+
 // Stage x[n, :, d..d+1, h0..h0+8, w0..w0+32] (zero outside the input) as [ci][halo] floats with
-// channel stride `stride`: fp32 through cp.async (asynchronous), other types converted inline.
+// channel stride `stride`: fp32 through cp.async (asynchronous; 16-byte copies where x's rows
+// are aligned), other types converted inline.
 template <typename T>
 __device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockShape& s,
                                              TileCoord c, int ci_padded, int stride = kXStride) {
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  if constexpr (std::is_same<T, float>::value) {
+    if (W % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+      issue_x_tile_chunks(xs, x, s, c, ci_padded, stride);
+      return;
+    }
+  }
   const int64_t spatial = (int64_t)D * H * W;
   const T* x_n = x + (int64_t)c.n * s.in_channels * spatial;
   for_each_halo_plane(ci_padded, [&](int ci, int dd, int lane) {
     const int id = c.d + dd;
     const bool plane_valid = ci < s.in_channels && id < D;
     int64_t offset = plane_valid ? ci * spatial + ((int64_t)id * H + c.h0) * W + c.w0 : 0;
-    float* dst = xs + ci * stride + dd * kHaloH * kHaloW;
+    float* dst = xs + ci * stride + dd * kHaloH * kHaloRow;
 #pragma unroll 3
-    for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloW) {
+    for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloRow) {
       const bool row_valid = plane_valid && c.h0 + hh < H;
 #pragma unroll
       for (int ww = lane; ww < kHaloW; ww += 32) {
@@ -168,17 +211,15 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 
-// Round this thread's own elements of an x tile (the ones its issue_x_tile calls wrote, now
-// complete) to TF32 in place, so the mma loops read ready operands. Call between
-// cp_async_wait and the __syncthreads that publishes the tile.
-__device__ __forceinline__ void round_own_x_tile_tf32(float* xs, int ci_padded, int stride) {
-  for_each_halo_plane(ci_padded, [&](int ci, int dd, int lane) {
-    float* row = xs + ci * stride + dd * kHaloH * kHaloW;
-#pragma unroll 3
-    for (int hh = 0; hh < kHaloH; ++hh, row += kHaloW)
-#pragma unroll
-      for (int ww = lane; ww < kHaloW; ww += 32) row[ww] = to_tf32(row[ww]);
-  });
+// Round a staged x tile ([ci_padded][stride] floats, stride a multiple of 4) to TF32 in place,
+// so the mma loops read ready operands. It rounds values other threads copied: call it between
+// a __syncthreads after cp_async_wait and the __syncthreads that publishes the tile.
+__device__ __forceinline__ void round_x_tile_tf32(float* xs, int ci_padded, int stride) {
+  float4* v = reinterpret_cast<float4*>(xs);
+  for (int e = threadIdx.x; e < ci_padded * stride / 4; e += blockDim.x) {
+    const float4 a = v[e];
+    v[e] = make_float4(to_tf32(a.x), to_tf32(a.y), to_tf32(a.z), to_tf32(a.w));
+  }
 }
 
 // The 27 taps in class order (offsets o ascending within a class), each packed as its x halo
@@ -196,7 +237,7 @@ __host__ __device__ constexpr TapTable make_tap_table() {
     table.first[cls] = n;
     for (int o = 0; o < 8; ++o) {
       if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
-      const int halo_offset = (((o >> 2) & 1) * kHaloH + ((o >> 1) & 1)) * kHaloW + (o & 1);
+      const int halo_offset = (((o >> 2) & 1) * kHaloH + ((o >> 1) & 1)) * kHaloRow + (o & 1);
       table.packed[n++] = halo_offset | (class_tap(cls, o) << 16);
     }
   }

@@ -262,7 +262,10 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
       }
       cp_async_wait<0>();
     }
-    if (kTensorCores && std::is_same<T, float>::value) round_own_x_tile_tf32(xs, cip, kXStride);
+    if (kTensorCores && std::is_same<T, float>::value) {
+      __syncthreads();  // every copy of the tile landed
+      round_x_tile_tf32(xs, cip, kXStride);
+    }
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
     if constexpr (kTensorCores) {
       tile_compute_tf32<T, KSTEPS>(xs, smem4, bias_s, slopes_s, y, window_index, s, c);
