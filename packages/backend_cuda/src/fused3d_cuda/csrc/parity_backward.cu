@@ -342,19 +342,23 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
                   cop);
   cp_async_commit();
   // B[k=co][n=ci] = w[ci, co, tap]; float4 (tap, kk, lane) = {B[t][g], B[t+4][g] (ci 0..7),
-  // B[t][8+g], B[t+4][8+g] (ci 8..15)} with co = kk*8 + t.
-  const int weight_floats = kTaps * cop * 16;
-  for (int e = threadIdx.x; e < weight_floats; e += blockDim.x) {
-    const int q = e & 3, ln = (e >> 2) & 31, rest = e >> 7;
-    const int kk = rest % ksteps, k = rest / ksteps;
-    const int co = kk * 8 + (ln & 3) + ((q & 1) ? 4 : 0);
+  // B[t][8+g], B[t+4][8+g] (ci 8..15)} with co = kk*8 + t. Each 128 threads fill one (tap, kk)
+  // block at a time (no division), the tap loop unrolled to keep several loads in flight.
+  {
+    const int e = threadIdx.x & 127, part = threadIdx.x >> 7, parts = blockDim.x >> 7;
+    const int q = e & 3, ln = (e >> 2) & 31;
     const int ci = (q >> 1) * 8 + (ln >> 2);
-    float v = 0.f;
-    if (ci < s.in_channels && co < s.out_channels) {
-      v = to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k]);
-      if (std::is_same<T, float>::value) v = to_tf32(v);
+    for (int kk = part; kk < ksteps; kk += parts) {
+      const int co = kk * 8 + (ln & 3) + ((q & 1) ? 4 : 0);
+      const bool valid = ci < s.in_channels && co < s.out_channels;
+      const T* src = w + ((int64_t)ci * s.out_channels + co) * kTaps;
+#pragma unroll 9
+      for (int k = 0; k < kTaps; ++k) {
+        float v = valid ? to_acc(src[k]) : 0.f;
+        if (std::is_same<T, float>::value) v = to_tf32(v);
+        ws[(k * ksteps + kk) * 128 + e] = v;
+      }
     }
-    ws[e] = v;
   }
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {

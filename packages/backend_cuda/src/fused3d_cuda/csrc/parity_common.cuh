@@ -341,24 +341,28 @@ __device__ __forceinline__ void accumulate_class_tf32(float (&acc)[MT][4][4], in
 // Stage the weight slice of output channels co0..co0+31 for accumulate_class_tf32, in mma
 // B-fragment order: float4 (k, kk, j, lane) = {B[t][n0+g], B[t+4][n0+g], B[t][n1+g],
 // B[t+4][n1+g]} with n0 = 16j, n1 = 16j + 8 (B[ci][col] = w[ci, co0+col, k]), so one 16-byte
-// load per lane feeds two mma. C_in is padded with zeros to 8 * KSTEPS.
+// load per lane feeds two mma. Each 256 threads fill one (k, kk) block of 256 floats at a time,
+// so the index arithmetic has no division, and the k loop is unrolled to keep several weight
+// loads in flight (one at a time, staging took a tenth of the forward). blockDim.x must be a
+// multiple of 256.
 template <typename T, int KSTEPS>
 __device__ __forceinline__ void stage_weights_tf32(float* __restrict__ ws, const T* __restrict__ w,
                                                    const BlockShape& s, int co0) {
-  constexpr int kWeightFloats = 27 * 8 * KSTEPS * kCoTile;
-#pragma unroll 2  // not fully: all its loads in flight at once would spill registers
-  for (int e = threadIdx.x; e < kWeightFloats; e += blockDim.x) {
-    const int q = e & 3, lane = (e >> 2) & 31, j = (e >> 7) & 1, rest = e >> 8;
-    const int kk = rest % KSTEPS;
-    const int k = rest / KSTEPS;
-    const int ci = kk * 8 + (lane & 3) + ((q & 1) ? 4 : 0);
-    const int co = co0 + (2 * j + (q >> 1)) * 8 + (lane >> 2);
-    float v = 0.f;
-    if (ci < s.in_channels && co < s.out_channels) {
-      v = to_acc(w[((int64_t)ci * s.out_channels + co) * 27 + k]);
+  constexpr int ksteps = KSTEPS;  // C_in padded to 8 * KSTEPS
+  const int e = threadIdx.x & 255, half = threadIdx.x >> 8, halves = blockDim.x >> 8;
+  const int q = e & 3, lane = (e >> 2) & 31, j = (e >> 7) & 1;
+  const int co = co0 + (2 * j + (q >> 1)) * 8 + (lane >> 2);
+  const int ci_in_step = (lane & 3) + ((q & 1) ? 4 : 0);
+  for (int kk = half; kk < ksteps; kk += halves) {
+    const int ci = kk * 8 + ci_in_step;
+    const bool valid = ci < s.in_channels && co < s.out_channels;
+    const T* src = w + ((int64_t)ci * s.out_channels + co) * 27;
+#pragma unroll 9
+    for (int k = 0; k < 27; ++k) {
+      float v = valid ? to_acc(src[k]) : 0.f;
       if (std::is_same<T, float>::value) v = to_tf32(v);
+      ws[(k * ksteps + kk) * 256 + e] = v;
     }
-    ws[e] = v;
   }
 }
 

@@ -221,14 +221,16 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
   if constexpr (kTensorCores) {
     stage_weights_tf32<T, KSTEPS>(ws, w, s, co0);
   } else {
-    // FFMA layout: [k][ci][col], 8 consecutive channels per 32-byte read.
-    const int weight_floats = kTaps * cip * kCoTile;
-    for (int e = threadIdx.x; e < weight_floats; e += blockDim.x) {
-      const int col = e % kCoTile, ci = (e / kCoTile) % cip, k = e / (kCoTile * cip);
-      const int co = co0 + col;
-      ws[e] = (ci < s.in_channels && co < s.out_channels)
-                  ? to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k])
-                  : 0.f;
+    // FFMA layout: [k][ci][col], 8 consecutive channels per 32-byte read. A warp fills the
+    // 32 channels of its rows ci for every k, the k loop unrolled so that several weight loads
+    // are in flight (one at a time, staging took a tenth of the kernel's samples).
+    const int lane = threadIdx.x & 31, warps = blockDim.x >> 5, co = co0 + lane;
+    for (int ci = threadIdx.x >> 5; ci < cip; ci += warps) {
+      const bool valid = ci < s.in_channels && co < s.out_channels;
+      const T* src = w + ((int64_t)ci * s.out_channels + co) * kTaps;
+#pragma unroll 9
+      for (int k = 0; k < kTaps; ++k)
+        ws[(k * cip + ci) * kCoTile + lane] = valid ? to_acc(src[k]) : 0.f;
     }
   }
   if (threadIdx.x < kCoTile) {
