@@ -141,6 +141,7 @@ __device__ __forceinline__ void issue_x_tile_chunks(float* xs, const float* x, c
   const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
   constexpr int kChunks = kTileW / 4, kPieces = kChunks + 1, kRows = kHaloD * kHaloH;
   const int total = ci_padded * kRows * kPieces;
+#pragma unroll 1  // with C_in known at compile time, unrolling holds several copies' registers
   for (int e = threadIdx.x; e < total; e += blockDim.x) {
     const int row = e / kPieces, piece = e - row * kPieces;
     const int ci = row / kRows, rest = row - ci * kRows;  // rest = dd * kHaloH + hh

@@ -118,7 +118,27 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 
 // ------------------------------------------------------------------ IEEE fp32 core (FFMA)
 
-// Thread layout: warp = h-line, lane = (w group of 4) x (channel group of 8).
+// acc[j][cc] += x[ci][w j] * W[ci][channel cc] for one input channel ci of one tap; with
+// kFromBias the sums start from the bias instead (the first step of a class: no separate
+// initialisation of the 32 accumulators).
+template <bool kFromBias>
+__device__ __forceinline__ void ffma_step(float (&acc)[4][8], const float* __restrict__ xa,
+                                          const float4* __restrict__ wa, int ci,
+                                          const float* __restrict__ bias) {
+  float xv[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) xv[j] = xa[ci * kXStride + j];
+  const float4 w0 = wa[ci * (kCoTile / 4)], w1 = wa[ci * (kCoTile / 4) + 1];
+  const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int cc = 0; cc < 8; ++cc)
+      acc[j][cc] = fmaf(xv[j], wv[cc], kFromBias ? bias[cc] : acc[j][cc]);
+}
+
+// Thread layout: warp = h-line, lane = (w group of 4) x (channel group of 8). ci_padded: C_in
+// padded to 8 (a run-time value: fixed at compile time, the loops unrolled into spills).
 __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
                                                   const float* __restrict__ ws,
                                                   const float* __restrict__ bias_s,
@@ -139,29 +159,14 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
   for (int cls = 0; cls < 8; ++cls) {
     float acc[4][8];
 #pragma unroll
-    for (int cc = 0; cc < 8; ++cc) {
-      const float b = bias_s[cg * 8 + cc];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j][cc] = b;
-    }
-#pragma unroll
     for (int o = 0; o < 8; ++o) {
-      if (o & ~cls) continue;
+      if (o & ~cls) continue;  // o = 0 belongs to every class: its first step adds the bias
       const int k = class_tap(cls, o);
       const float* xa = xs + halo_pos(o, hl, wg * 4);
       const float4* wa = reinterpret_cast<const float4*>(ws + k * ci_padded * kCoTile) + cg * 2;
+      if (o == 0) ffma_step<true>(acc, xa, wa, 0, bias_s + cg * 8);
 #pragma unroll 4
-      for (int ci = 0; ci < ci_padded; ++ci) {
-        float xv[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) xv[j] = xa[ci * kXStride + j];
-        const float4 w0 = wa[ci * (kCoTile / 4)], w1 = wa[ci * (kCoTile / 4) + 1];
-        const float wv[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int cc = 0; cc < 8; ++cc) acc[j][cc] = fmaf(xv[j], wv[cc], acc[j][cc]);
-      }
+      for (int ci = o == 0 ? 1 : 0; ci < ci_padded; ++ci) ffma_step<false>(acc, xa, wa, ci, nullptr);
     }
 #pragma unroll
     for (int cc = 0; cc < 8; ++cc) {
@@ -192,8 +197,8 @@ struct ForwardGeometry {
 // the FFMA kernel runs two blocks per SM with one buffer each.
 template <bool kTensorCores> __host__ __device__ constexpr int x_buffers() { return kTensorCores ? 2 : 1; }
 
-// KSTEPS: C_in / 8 rounded up, fixed at compile time for the tensor-core kernel (its mma loops
-// then unroll fully); 0 for the FFMA kernel, which reads it from the geometry.
+// KSTEPS: C_in / 8 rounded up, fixed at compile time (the tensor-core kernel's mma loops and
+// the FFMA kernel's channel loops then have known trip counts).
 template <typename T, bool kTensorCores, int KSTEPS>
 __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
                                   kTensorCores ? 1 : kBlocksPerSmFfma)
@@ -203,7 +208,7 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
                           ForwardGeometry geo) {
   extern __shared__ float4 smem4[];
   constexpr int kBuffers = x_buffers<kTensorCores>();
-  const int cip = kTensorCores ? 8 * KSTEPS : geo.ci_padded;
+  constexpr int cip = 8 * KSTEPS;
   float* ws = reinterpret_cast<float*>(smem4);
   float* xs_base = ws + kTaps * cip * kCoTile;  // kBuffers x buffers of cip * kXStride floats
   const int xs_size = cip * kXStride;
@@ -273,7 +278,7 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
       tile_compute_tf32<T, KSTEPS>(xs, smem4, bias_s, slopes_s, y, window_index, s, c);
     } else {
       tile_compute_ffma(xs, ws, bias_s, slopes_s, reinterpret_cast<float*>(y), window_index, s,
-                        c, cip);
+                        c, geo.ci_padded);
     }
     __syncthreads();  // everyone is done with this buffer before it is refilled
   }
@@ -320,13 +325,13 @@ cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t
   return cudaGetLastError();
 }
 
-// The tensor-core kernel for C_in padded to 8, 16 or 24.
-template <typename T>
-cudaError_t launch_tensor_cores(const BlockShape& s, const ForwardArgs& a, cudaStream_t stream) {
+// The kernel for C_in padded to 8, 16 or 24.
+template <typename T, bool kTensorCores>
+cudaError_t launch_by_channels(const BlockShape& s, const ForwardArgs& a, cudaStream_t stream) {
   switch (ci_padded_of(s) / 8) {
-    case 1: return launch_typed<T, true, 1>(s, a, stream);
-    case 2: return launch_typed<T, true, 2>(s, a, stream);
-    case 3: return launch_typed<T, true, 3>(s, a, stream);
+    case 1: return launch_typed<T, kTensorCores, 1>(s, a, stream);
+    case 2: return launch_typed<T, kTensorCores, 2>(s, a, stream);
+    case 3: return launch_typed<T, kTensorCores, 3>(s, a, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -350,10 +355,10 @@ cudaError_t launch_parity_forward(const BlockShape& s, DType dtype, bool allow_t
                                   const ForwardArgs& a, cudaStream_t stream) {
   switch (dtype) {
     case DType::Float32:
-      return allow_tf32 ? parity::launch_tensor_cores<float>(s, a, stream)
-                        : parity::launch_typed<float, false, 0>(s, a, stream);
-    case DType::Float16: return parity::launch_tensor_cores<__half>(s, a, stream);
-    case DType::BFloat16: return parity::launch_tensor_cores<__nv_bfloat16>(s, a, stream);
+      return allow_tf32 ? parity::launch_by_channels<float, true>(s, a, stream)
+                        : parity::launch_by_channels<float, false>(s, a, stream);
+    case DType::Float16: return parity::launch_by_channels<__half, true>(s, a, stream);
+    case DType::BFloat16: return parity::launch_by_channels<__nv_bfloat16, true>(s, a, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -363,13 +368,13 @@ cudaError_t launch_parity_forward(const BlockShape& s, DType dtype, bool allow_t
   template __global__ void parity::parity_forward_kernel<T, TC, KSTEPS>(                   \
       const T*, const T*, const T*, const T*, T*, uint8_t*, BlockShape,                    \
       parity::ForwardGeometry);
-#define FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(T) \
-  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, true, 1) \
-  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, true, 2) \
-  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, true, 3)
-FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(float)
-FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(__half)
-FUSED3D_INSTANTIATE_PARITY_FORWARD_TC(__nv_bfloat16)
-FUSED3D_INSTANTIATE_PARITY_FORWARD(float, false, 0)
+#define FUSED3D_INSTANTIATE_PARITY_FORWARD_ALL_CIN(T, TC) \
+  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, TC, 1)            \
+  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, TC, 2)            \
+  FUSED3D_INSTANTIATE_PARITY_FORWARD(T, TC, 3)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_ALL_CIN(float, true)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_ALL_CIN(__half, true)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_ALL_CIN(__nv_bfloat16, true)
+FUSED3D_INSTANTIATE_PARITY_FORWARD_ALL_CIN(float, false)
 
 }  // namespace fused3d_cuda
