@@ -89,19 +89,9 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
     const TileCoord c = decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles);
-    const int next = tile + gridDim.x;
-    if (next < geo.tiles) {
-      issue_x_tile<T>(xs_base + ((it + 1) & 1) * xs_size, x, s,
-                      decode_tile(next, s.in_size[0], geo.h_tiles, geo.w_tiles), cip);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    if (std::is_same<T, float>::value) {
-      __syncthreads();  // every copy of the tile landed
-      round_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStride);
-    }
+    prefetch_next_x_tile<T>(xs_base, xs_size, it, tile + gridDim.x, geo.tiles, geo.h_tiles,
+                            geo.w_tiles, x, s, cip);
+    settle_x_tile_tf32<T>(xs_base + (it & 1) * xs_size, cip, kXStride);
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const int h = c.h0 + hl;
@@ -510,10 +500,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     } else {
       cp_async_wait<0>();
     }
-    if (std::is_same<T, float>::value) {
-      __syncthreads();  // every copy of the tile landed
-      round_x_tile_tf32(xs_base + (it & 1) * xs_size, cip, kXStrideT);
-    }
+    settle_x_tile_tf32<T>(xs_base + (it & 1) * xs_size, cip, kXStrideT);
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const float* dzs = dz_base + (it & 1) * dz_size;

@@ -212,14 +212,35 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 
-// Round a staged x tile ([ci_padded][stride] floats, stride a multiple of 4) to TF32 in place,
-// so the mma loops read ready operands. It rounds values other threads copied: call it between
-// a __syncthreads after cp_async_wait and the __syncthreads that publishes the tile.
-__device__ __forceinline__ void round_x_tile_tf32(float* xs, int ci_padded, int stride) {
-  float4* v = reinterpret_cast<float4*>(xs);
-  for (int e = threadIdx.x; e < ci_padded * stride / 4; e += blockDim.x) {
-    const float4 a = v[e];
-    v[e] = make_float4(to_tf32(a.x), to_tf32(a.y), to_tf32(a.z), to_tf32(a.w));
+// Make a staged x tile ([ci_padded][stride] floats, stride a multiple of 4) visible to the
+// whole block and, for fp32 input (the tensor-core kernels), round it to TF32 in place so the
+// mma loops read ready operands. Call after cp_async_wait; the caller's next __syncthreads
+// publishes the rounded values (rounding reads values other threads copied, hence the first).
+template <typename T>
+__device__ __forceinline__ void settle_x_tile_tf32(float* xs, int ci_padded, int stride) {
+  if constexpr (std::is_same<T, float>::value) {
+    __syncthreads();
+    float4* v = reinterpret_cast<float4*>(xs);
+    for (int e = threadIdx.x; e < ci_padded * stride / 4; e += blockDim.x) {
+      const float4 a = v[e];
+      v[e] = make_float4(to_tf32(a.x), to_tf32(a.y), to_tf32(a.z), to_tf32(a.w));
+    }
+  }
+}
+
+// One step of a persistent loop over double-buffered x tiles: copy tile `next` (if there is
+// one) into the other buffer, then wait for the copies of tile `it`, issued a step earlier.
+template <typename T>
+__device__ __forceinline__ void prefetch_next_x_tile(float* xs_base, int xs_size, int it, int next,
+                                                     int tiles, int h_tiles, int w_tiles,
+                                                     const T* x, const BlockShape& s, int cip) {
+  if (next < tiles) {
+    issue_x_tile<T>(xs_base + ((it + 1) & 1) * xs_size, x, s,
+                    decode_tile(next, s.in_size[0], h_tiles, w_tiles), cip);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
   }
 }
 

@@ -10,8 +10,9 @@
 //  * tensor cores, mma.sync m16n8k8 TF32 with fp32 accumulation (fp32 with allow_tf32, and
 //    fp16/bf16, whose values are exact in TF32 so products are exact);
 //  * IEEE fp32 FFMA (fp32 without allow_tf32), register-blocked 4 w x 8 channels per thread.
-// Persistent grid: each block stages its 32-channel weight slice once, then walks tiles with
-// the next tile's x halo copied by cp.async into a second buffer while it computes.
+// Persistent grid: each block stages its 32-channel weight slice once, then walks tiles. The
+// tensor-core kernel (one block per SM) copies the next tile's x halo by cp.async into a
+// second buffer while it computes; the FFMA kernel runs two blocks per SM with one buffer each.
 #include "parity_common.cuh"
 
 namespace fused3d_cuda {
@@ -252,16 +253,9 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
     const TileCoord c = decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles);
     float* xs = xs_base + (it % kBuffers) * xs_size;
-    const int next = tile + gridDim.x;
     if constexpr (kBuffers == 2) {  // fetch the next tile into the other buffer meanwhile
-      if (next < geo.tiles) {
-        issue_x_tile<T>(xs_base + ((it + 1) & 1) * xs_size, x, s,
-                        decode_tile(next, s.in_size[0], geo.h_tiles, geo.w_tiles), cip);
-        cp_async_commit();
-        cp_async_wait<1>();
-      } else {
-        cp_async_wait<0>();
-      }
+      prefetch_next_x_tile<T>(xs_base, xs_size, it, tile + gridDim.x, geo.tiles, geo.h_tiles,
+                              geo.w_tiles, x, s, cip);
     } else {  // one buffer: this tile is fetched once the previous one is done with it
       if (it > 0) {
         issue_x_tile<T>(xs, x, s, c, cip);
@@ -269,10 +263,7 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
       }
       cp_async_wait<0>();
     }
-    if (kTensorCores && std::is_same<T, float>::value) {
-      __syncthreads();  // every copy of the tile landed
-      round_x_tile_tf32(xs, cip, kXStride);
-    }
+    if constexpr (kTensorCores) settle_x_tile_tf32<T>(xs, cip, kXStride);
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
     if constexpr (kTensorCores) {
       tile_compute_tf32<T, KSTEPS>(xs, smem4, bias_s, slopes_s, y, window_index, s, c);
