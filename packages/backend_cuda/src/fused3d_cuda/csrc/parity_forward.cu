@@ -167,7 +167,8 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
       const float4* wa = reinterpret_cast<const float4*>(ws + k * ci_padded * kCoTile) + cg * 2;
       if (o == 0) ffma_step<true>(acc, xa, wa, 0, bias_s + cg * 8);
 #pragma unroll 4
-      for (int ci = o == 0 ? 1 : 0; ci < ci_padded; ++ci) ffma_step<false>(acc, xa, wa, ci, nullptr);
+      for (int ci = o == 0 ? 1 : 0; ci < ci_padded; ++ci)
+        ffma_step<false>(acc, xa, wa, ci, nullptr);
     }
 #pragma unroll
     for (int cc = 0; cc < 8; ++cc) {
@@ -196,7 +197,10 @@ struct ForwardGeometry {
 
 // x buffers per block: the tensor-core kernel (one block per SM) double-buffers its x tiles;
 // the FFMA kernel runs two blocks per SM with one buffer each.
-template <bool kTensorCores> __host__ __device__ constexpr int x_buffers() { return kTensorCores ? 2 : 1; }
+template <bool kTensorCores>
+__host__ __device__ constexpr int x_buffers() {
+  return kTensorCores ? 2 : 1;
+}
 
 // KSTEPS: C_in / 8 rounded up, fixed at compile time (the tensor-core kernel's mma loops and
 // the FFMA kernel's channel loops then have known trip counts).
