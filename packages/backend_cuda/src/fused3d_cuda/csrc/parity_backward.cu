@@ -7,8 +7,9 @@
 //        gives the two leaky slopes and leaky'(v) * leaky(z) = y / m (see the kernel);
 //     b. without y, or for a negative slope (y's sign no longer tells z's): the winner kernel,
 //        the forward's implicit GEMM again, keeping only the winning class's conv value.
-//     dz is stored rounded to TF32 with the winning class in its 3 low mantissa bits (which
-//     TF32 ignores), so the later kernels read one word per element.
+//     dz is stored rounded to TF32 with the winning class as a one-hot flag in its 8 low
+//     mantissa bits (which TF32 ignores), so the later kernels read one word per element and
+//     keep or zero it for a class with one bit test.
 //  2. dx kernel: dx[i] = sum over offsets o and classes P >= o of dz_P[i - o] W[k(P,o)]^T, an
 //     implicit GEMM over input positions (gather form: every dx element is written once by one
 //     thread, no atomics).
@@ -31,8 +32,23 @@ constexpr int kXStrideT = 676;                 // x tile [ci][halo], ci = fragme
 constexpr int kTilePositions = kTileH * kTileW;  // 256 pooled positions
 constexpr int kDzStrideT = kTilePositions + 4;   // dz tile [co][position]
 
-__device__ __forceinline__ uint32_t masked_class(uint32_t bits, int cls) {
-  return (int)(bits & 7u) == cls ? bits : 0u;
+// Packed dz: TF32 bits (the 13 low mantissa bits cleared, NaN included) | 1 << class.
+__device__ __forceinline__ float pack_dz(float dz, uint32_t cls) {
+  return __uint_as_float((round_tf32_bits(dz) & ~0x1fffu) | (1u << cls));
+}
+
+// A packed dz element if its class is the one whose flag `class_bit` (1 << class) names, else
+// zero: one bit test and one select.
+__device__ __forceinline__ uint32_t masked_class(uint32_t packed, uint32_t class_bit) {
+  uint32_t out;
+  // Written as a predicate test and a select: left to itself the compiler builds a mask by two
+  // shifts and ANDs it, one instruction more in the backward's innermost loops.
+  asm("{\n\t.reg .pred keep;\n\t.reg .b32 flag;\n\t"
+      "and.b32 flag, %1, %2;\n\tsetp.ne.u32 keep, flag, 0;\n\t"
+      "selp.b32 %0, %1, 0, keep;\n\t}"
+      : "=r"(out)
+      : "r"(packed), "r"(class_bit));
+  return out;
 }
 
 struct BackwardGeometry {
@@ -47,6 +63,29 @@ __device__ __forceinline__ int64_t pooled_offset(const BlockShape& s, TileCoord 
   return (((int64_t)c.n * s.out_channels + co) * D + c.d) * H * (int64_t)W + (int64_t)h * W + w;
 }
 
+// The dx kernel's weight operand, written once per backward call by the first kernel of the
+// first chunk (every thread of its grid takes a share) and copied by each dx block with
+// 16-byte copies: B[k=co][n=ci] = w[ci, co, tap] as float4 (tap, kk, lane) = {B[t][g],
+// B[t+4][g] (ci 0..7), B[t][8+g], B[t+4][8+g] (ci 8..15)}, co = kk*8 + t, rounded to TF32.
+// (Staged from w by every block, the strided 4-byte loads had been a quarter of dx's time.)
+template <typename T>
+__device__ __forceinline__ void write_grad_x_weights(float* __restrict__ fragments,
+                                                     const T* __restrict__ w, const BlockShape& s,
+                                                     int co_padded) {
+  const int threads = gridDim.x * gridDim.y * blockDim.x;
+  const int first = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+  const int ksteps = co_padded / 8, total = kTaps * ksteps * 128;
+  for (int e = first; e < total; e += threads) {
+    const int slot = e & 127, block = e >> 7;  // block = k * ksteps + kk
+    const int k = block / ksteps, kk = block - k * ksteps;
+    const int q = slot & 3, ln = slot >> 2;
+    const int ci = (q >> 1) * 8 + (ln >> 2), co = kk * 8 + (ln & 3) + ((q & 1) ? 4 : 0);
+    const bool valid = ci < s.in_channels && co < s.out_channels;
+    const float v = valid ? to_acc(w[((int64_t)ci * s.out_channels + co) * kTaps + k]) : 0.f;
+    fragments[e] = std::is_same<T, float>::value ? to_tf32(v) : v;
+  }
+}
+
 // ------------------------------------------------------------------ 1b. winner kernel
 
 template <typename T>
@@ -54,8 +93,10 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, const T* __restrict__ grad_y,
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
-    float* __restrict__ channel_partials, BlockShape s, BackwardGeometry geo, int accumulate) {
+    float* __restrict__ channel_partials, float* __restrict__ grad_x_weights, BlockShape s,
+    BackwardGeometry geo, int accumulate) {
   extern __shared__ float4 smem4[];
+  if (grad_x_weights) write_grad_x_weights(grad_x_weights, w, s, geo.co_padded);
   // C_in padded to 16 whatever it is (this path is rare: only without a usable y), so the mma
   // loops have a fixed K.
   constexpr int cip = kMaxCin;
@@ -149,7 +190,7 @@ __global__ void __launch_bounds__(kThreadsWinner, 1) parity_winner_grad_kernel(
                            to_acc(grad_y[off]), slope, dz, dm_term);
           sum_dz[nt][r & 1] += dz;
           sum_dm[nt][r & 1] += dm_term;
-          packed_dz[off] = __uint_as_float(round_tf32_bits(dz) | cls);
+          packed_dz[off] = pack_dz(dz, cls);
         }
     // Fixed-order reduction over the 8 row groups of the warp (lanes with equal t).
 #pragma unroll
@@ -211,6 +252,62 @@ __device__ __forceinline__ float recompute_class_value(const T* __restrict__ x,
   return bias ? z + to_acc(bias[co]) : z;
 }
 
+// One channel's constants for dz from y (see parity_dz_from_output_kernel).
+struct ChannelDz {
+  float m, slope, y_min;
+  bool m_usable;
+  // dz = g * leaky'(v) * m * leaky'(z), one of two factors by y's sign (z has m's sign when
+  // v > 0, the opposite one when v < 0).
+  float factor_v_positive, factor_v_negative;
+};
+
+template <typename T>
+__device__ __forceinline__ ChannelDz channel_dz(float m, float slope) {
+  ChannelDz ch;
+  ch.m = m;
+  ch.slope = slope;
+  ch.y_min = min_normal_of<T>();
+  ch.m_usable = fabsf(m) >= 0x1p-100f && fabsf(m) <= 0x1p100f;  // false for NaN
+  ch.factor_v_positive = m * (m > 0.f ? 1.f : slope);
+  ch.factor_v_negative = slope * m * (m > 0.f ? slope : 1.f);
+  return ch;
+}
+
+// A thread's channel sums. gy: g * y over the elements y settles (their dmultiplier terms
+// g * y / m are divided by m once, at the end); dm: the recomputed elements' terms.
+struct DzSums {
+  float dz, gy, dm;
+};
+
+// Whether y settles the derivative at this element (see the kernel's comment).
+__device__ __forceinline__ bool y_settles(const ChannelDz& ch, float yv) {
+  return ch.m_usable && fabsf(yv) >= ch.y_min && fabsf(yv) <= 3.40282347e38f;
+}
+
+__device__ __forceinline__ float settled_dz(const ChannelDz& ch, DzSums& sums, float g, float yv) {
+  const float dz = g * (yv > 0.f ? ch.factor_v_positive : ch.factor_v_negative);
+  sums.gy += g * yv;
+  sums.dz += dz;
+  return dz;
+}
+
+// The packed dz of one element (pooled position p of image n, channel co, winning class cls).
+template <typename T>
+__device__ __forceinline__ float dz_element(const T* __restrict__ x, const T* __restrict__ w,
+                                            const T* __restrict__ bias, const BlockShape& s,
+                                            const ChannelDz& ch, DzSums& sums, int64_t n, int co,
+                                            int p, uint32_t cls, float g, float yv) {
+  if (y_settles(ch, yv)) return pack_dz(settled_dz(ch, sums, g, yv), cls);
+  const int W = s.in_size[2], H = s.in_size[1];
+  const int wpos = p % W, h = (p / W) % H, d = p / (W * H);
+  const float z = recompute_class_value(x, w, bias, s, n, co, d, h, wpos, (int)cls);
+  float dz, dm_term;
+  winner_gradients(z, ch.m, g, ch.slope, dz, dm_term);
+  sums.dm += dm_term;
+  sums.dz += dz;
+  return pack_dz(dz, cls);
+}
+
 // grid (slots, C_out): block (b, co) walks spatial slice b of channel co in every image of the
 // chunk and writes its channel partials to slot b (accumulated over chunks in a fixed order).
 //
@@ -225,67 +322,95 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, const T* __restrict__ grad_y, const T* __restrict__ y,
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
-    float* __restrict__ channel_partials, BlockShape s, int accumulate) {
-  __shared__ float warp_sums[kThreadsDz / 32][2];
+    float* __restrict__ channel_partials, float* __restrict__ grad_x_weights, BlockShape s,
+    int accumulate) {
+  __shared__ float warp_sums[kThreadsDz / 32][3];
+  if (grad_x_weights) write_grad_x_weights(grad_x_weights, w, s, (s.out_channels + 7) / 8 * 8);
   const int co = blockIdx.y;
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   const int spatial = D * H * W;  // < 2^31 (parity_backward_supported)
-  const int begin = (int)((int64_t)spatial * blockIdx.x / gridDim.x);
-  const int end = (int)((int64_t)spatial * (blockIdx.x + 1) / gridDim.x);
-  const float slope = (float)s.negative_slope;
-  const float m = to_acc(multiplier[co * s.multiplier_stride]);
-  const bool m_usable = fabsf(m) >= 0x1p-100f && fabsf(m) <= 0x1p100f;  // false for NaN
-  const float y_min = min_normal_of<T>();
-  float sum_dz = 0.f, sum_dm = 0.f;
+  // fp32 rows of a multiple of 4 go 4 elements per thread (16-byte loads and stores).
+  bool quads = false;
+  if constexpr (std::is_same<T, float>::value)
+    quads = spatial % 4 == 0 &&
+            ((reinterpret_cast<uintptr_t>(grad_y) | reinterpret_cast<uintptr_t>(y)) & 15) == 0 &&
+            (reinterpret_cast<uintptr_t>(window_index) & 3) == 0;
+  const int unit = quads ? 4 : 1, units = spatial / unit;
+  const int per_slice = (units + gridDim.x - 1) / gridDim.x;  // 32-bit: no division call
+  const int begin = unit * (int)min((int64_t)per_slice * blockIdx.x, (int64_t)units);
+  const int end = unit * (int)min((int64_t)per_slice * (blockIdx.x + 1), (int64_t)units);
+  const ChannelDz ch = channel_dz<T>(to_acc(multiplier[co * s.multiplier_stride]),
+                                     (float)s.negative_slope);
+  DzSums sums{0.f, 0.f, 0.f};
   for (int64_t n = 0; n < s.batch; ++n) {
     const int64_t base = (n * s.out_channels + co) * spatial;
-#pragma unroll 4
-    for (int p = begin + (int)threadIdx.x; p < end; p += blockDim.x) {
-      const int64_t off = base + p;
-      const uint32_t cls = window_index[off] & 7u;  // 0..7 from the forward
-      const float g = to_acc(grad_y[off]);
-      const float yv = to_acc(y[off]);
-      float dz, dm_term;
-      if (m_usable && fabsf(yv) >= y_min && fabsf(yv) <= 3.40282347e38f) {
-        const bool v_positive = yv > 0.f, z_positive = v_positive == (m > 0.f);
-        const float outer = v_positive ? g : g * slope;
-        dz = outer * m * (z_positive ? 1.f : slope);
-        dm_term = g * (yv / m);
-      } else {
-        const int wpos = p % W, h = (p / W) % H, d = p / (W * H);
-        const float z = recompute_class_value(x, w, bias, s, n, co, d, h, wpos, (int)cls);
-        winner_gradients(z, m, g, slope, dz, dm_term);
+    if constexpr (std::is_same<T, float>::value) {
+      if (quads) {
+#pragma unroll 2
+        for (int p = begin + 4 * (int)threadIdx.x; p < end; p += 4 * kThreadsDz) {
+          const int64_t off = base + p;
+          // Read once: streamed past L2 so that the packed dz the next kernels read stays.
+          const float4 g4 = __ldcs(reinterpret_cast<const float4*>(grad_y + off));
+          const float4 y4 = __ldcs(reinterpret_cast<const float4*>(y + off));
+          const uint32_t classes =
+              __ldcs(reinterpret_cast<const unsigned int*>(window_index + off));
+          if (y_settles(ch, y4.x) && y_settles(ch, y4.y) && y_settles(ch, y4.z) &&
+              y_settles(ch, y4.w)) {
+            float4 dz4;
+            dz4.x = pack_dz(settled_dz(ch, sums, g4.x, y4.x), classes & 7u);
+            dz4.y = pack_dz(settled_dz(ch, sums, g4.y, y4.y), (classes >> 8) & 7u);
+            dz4.z = pack_dz(settled_dz(ch, sums, g4.z, y4.z), (classes >> 16) & 7u);
+            dz4.w = pack_dz(settled_dz(ch, sums, g4.w, y4.w), (classes >> 24) & 7u);
+            *reinterpret_cast<float4*>(packed_dz + off) = dz4;
+          } else {  // rare: one element at a time (one copy of the recompute path)
+#pragma unroll 1
+            for (int q = 0; q < 4; ++q)
+              packed_dz[off + q] = dz_element(x, w, bias, s, ch, sums, n, co, p + q,
+                                              (classes >> (8 * q)) & 7u, grad_y[off + q],
+                                              y[off + q]);
+          }
+        }
+        continue;
       }
-      sum_dz += dz;
-      sum_dm += dm_term;
-      packed_dz[off] = __uint_as_float(round_tf32_bits(dz) | cls);
+    }
+#pragma unroll 4
+    for (int p = begin + (int)threadIdx.x; p < end; p += kThreadsDz) {
+      const int64_t off = base + p;
+      packed_dz[off] = dz_element(x, w, bias, s, ch, sums, n, co, p, window_index[off] & 7u,
+                                  to_acc(grad_y[off]), to_acc(y[off]));
     }
   }
   // Fixed-order block reduction: a shuffle tree per warp, then the warps in order.
+  float thread_sums[3] = {sums.dz, sums.gy, sums.dm};
 #pragma unroll
-  for (int step = 16; step > 0; step >>= 1) {
-    sum_dz += __shfl_down_sync(0xffffffffu, sum_dz, step);
-    sum_dm += __shfl_down_sync(0xffffffffu, sum_dm, step);
-  }
-  if ((threadIdx.x & 31) == 0) {
-    warp_sums[threadIdx.x >> 5][0] = sum_dz;
-    warp_sums[threadIdx.x >> 5][1] = sum_dm;
-  }
+  for (int q = 0; q < 3; ++q)
+#pragma unroll
+    for (int step = 16; step > 0; step >>= 1)
+      thread_sums[q] += __shfl_down_sync(0xffffffffu, thread_sums[q], step);
+  if ((threadIdx.x & 31) == 0)
+#pragma unroll
+    for (int q = 0; q < 3; ++q) warp_sums[threadIdx.x >> 5][q] = thread_sums[q];
   __syncthreads();
-  if (threadIdx.x < 2) {
-    float total = 0.f;
-    for (int wi = 0; wi < kThreadsDz / 32; ++wi) total += warp_sums[wi][threadIdx.x];
-    float* slot = channel_partials + blockIdx.x * 64 + threadIdx.x * 32 + co;
-    *slot = accumulate ? *slot + total : total;
+  if (threadIdx.x == 0) {
+    float totals[3] = {0.f, 0.f, 0.f};
+    for (int wi = 0; wi < kThreadsDz / 32; ++wi)
+      for (int q = 0; q < 3; ++q) totals[q] += warp_sums[wi][q];
+    // (sum_gy is zero when m is not usable: every element was recomputed.)
+    const float dm_total = (ch.m_usable ? totals[1] / ch.m : 0.f) + totals[2];
+    float* slot = channel_partials + blockIdx.x * 64 + co;
+    slot[0] = accumulate ? slot[0] + totals[0] : totals[0];
+    slot[32] = accumulate ? slot[32] + dm_total : dm_total;
   }
 }
 
 // ------------------------------------------------------------------ 2. dx kernel
 
-// Halo index of pooled position i - o for input row `row` of h-line hl (the dz halo starts
-// one before the tile on each axis).
+// The dz halo of a dx tile covers pooled positions one before the tile on each axis. Its rows
+// are staged from w0 - 4, one aligned 16-byte chunk before the tile (kHaloRow = 36 = 9 chunks),
+// so pooled w = w0 - 1 + j sits at index 3 + j. Halo index of pooled position i - o for input
+// row `row` of h-line hl:
 __device__ __forceinline__ int back_halo_pos(int o, int hl, int row) {
-  return ((1 - ((o >> 2) & 1)) * kHaloH + hl + 1 - ((o >> 1) & 1)) * kHaloRow + row + 1 - (o & 1);
+  return ((1 - ((o >> 2) & 1)) * kHaloH + hl + 1 - ((o >> 1) & 1)) * kHaloRow + row + 4 - (o & 1);
 }
 
 __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz,
@@ -293,11 +418,28 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   const int64_t spatial = (int64_t)D * H * W;
   const float* dz_n = packed_dz + (int64_t)c.n * s.out_channels * spatial;
+  if (W % 4 == 0) {
+    // 16-byte copies (packed_dz is our aligned workspace; with W % 4 == 0 every chunk starts
+    // aligned and lies wholly inside or wholly outside the row).
+    constexpr int kChunks = kHaloRow / 4, kRows = kHaloD * kHaloH;
+    const int total = cop * kRows * kChunks;
+    for (int e = threadIdx.x; e < total; e += blockDim.x) {
+      const int row = e / kChunks, chunk = e - row * kChunks;
+      const int co = row / kRows, rest = row - co * kRows;  // rest = dd * kHaloH + hh
+      const int dd = rest / kHaloH, hh = rest - dd * kHaloH;
+      const int md = c.d - 1 + dd, mh = c.h0 - 1 + hh, mw = c.w0 - 4 + chunk * 4;
+      const bool valid = co < s.out_channels && md >= 0 && md < D && mh >= 0 && mh < H &&
+                         mw >= 0 && mw < W;
+      const float* src = valid ? dz_n + co * spatial + ((int64_t)md * H + mh) * W + mw : packed_dz;
+      cp_async_16(dzs + co * kXStride + rest * kHaloRow + chunk * 4, src, valid ? 16 : 0);
+    }
+    return;
+  }
   for_each_halo_plane(cop, [&](int co, int dd, int lane) {
     const int md = c.d - 1 + dd;
     const bool plane_valid = co < s.out_channels && md >= 0 && md < D;
     int64_t offset = plane_valid ? co * spatial + ((int64_t)md * H + c.h0 - 1) * W + c.w0 - 1 : 0;
-    float* dst = dzs + co * kXStride + dd * kHaloH * kHaloRow;
+    float* dst = dzs + co * kXStride + dd * kHaloH * kHaloRow + 3;
 #pragma unroll 3
     for (int hh = 0; hh < kHaloH; ++hh, offset += W, dst += kHaloRow) {
       const int mh = c.h0 - 1 + hh;
@@ -312,13 +454,14 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
   });
 }
 
-template <typename T>
+// KSTEPS: C_out / 8 rounded up (the mma K steps), fixed at compile time so that every shared
+// memory address in the mma loop is a register plus a constant.
+template <typename T, int KSTEPS>
 __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
-    const float* __restrict__ packed_dz, const T* __restrict__ w, T* __restrict__ grad_x,
-    BlockShape s, BackwardGeometry geo) {
+    const float* __restrict__ packed_dz, const float* __restrict__ weight_fragments,
+    T* __restrict__ grad_x, BlockShape s, BackwardGeometry geo) {
   extern __shared__ float4 smem4[];
-  const int cop = geo.co_padded;
-  const int ksteps = cop / 8;
+  constexpr int cop = 8 * KSTEPS, ksteps = KSTEPS;
   float* ws = reinterpret_cast<float*>(smem4);  // [k][kk][lane] float4, 27*cop*16 floats
   float* dz_base = ws + kTaps * cop * 16;
   const int dz_size = cop * kXStride;
@@ -330,26 +473,10 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
   if (tile < geo.tiles)
     issue_dz_halo(dz_base, packed_dz, s, decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles),
                   cop);
+  // The weight operand (write_grad_x_weights' layout), in the first halo's group of copies.
+  for (int e = threadIdx.x; e < kTaps * cop * 4; e += blockDim.x)
+    cp_async_16(ws + 4 * e, weight_fragments + 4 * e, 16);
   cp_async_commit();
-  // B[k=co][n=ci] = w[ci, co, tap]; float4 (tap, kk, lane) = {B[t][g], B[t+4][g] (ci 0..7),
-  // B[t][8+g], B[t+4][8+g] (ci 8..15)} with co = kk*8 + t. Each 128 threads fill one (tap, kk)
-  // block at a time (no division), the tap loop unrolled to keep several loads in flight.
-  {
-    const int e = threadIdx.x & 127, part = threadIdx.x >> 7, parts = blockDim.x >> 7;
-    const int q = e & 3, ln = (e >> 2) & 31;
-    const int ci = (q >> 1) * 8 + (ln >> 2);
-    for (int kk = part; kk < ksteps; kk += parts) {
-      const int co = kk * 8 + (ln & 3) + ((q & 1) ? 4 : 0);
-      const bool valid = ci < s.in_channels && co < s.out_channels;
-      const T* src = w + ((int64_t)ci * s.out_channels + co) * kTaps;
-#pragma unroll 9
-      for (int k = 0; k < kTaps; ++k) {
-        float v = valid ? to_acc(src[k]) : 0.f;
-        if (std::is_same<T, float>::value) v = to_tf32(v);
-        ws[(k * ksteps + kk) * 128 + e] = v;
-      }
-    }
-  }
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
     const TileCoord c = decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles);
@@ -375,6 +502,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
 #pragma unroll
     for (int o = 0; o < 8; ++o) {
       const int p0 = back_halo_pos(o, hl, row0 + g);
+#pragma unroll
       for (int kk = 0; kk < ksteps; ++kk) {
         const float* da = dzs + (kk * 8 + t) * kXStride + p0;
         uint32_t raw[MT][4];
@@ -394,7 +522,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
           for (int mt = 0; mt < MT; ++mt) {
             uint32_t a[4];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) a[q] = masked_class(raw[mt][q], cls);
+            for (int q = 0; q < 4; ++q) a[q] = masked_class(raw[mt][q], 1u << cls);
             mma_tf32(acc[mt][0], a, b.x, b.y);
             mma_tf32(acc[mt][1], a, b.z, b.w);
           }
@@ -421,19 +549,43 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
 
 // ------------------------------------------------------------------ 3. dweight kernel
 
-// The 27 (class, offset) pairs in a fixed order; warp w owns pairs w, w+8, w+16, w+24.
-__device__ __forceinline__ void pair_of(int index, int& cls, int& o) {
-  int n = 0;
-  for (int c2 = 0; c2 < 8; ++c2)
-    for (int o2 = 0; o2 < 8; ++o2) {
-      if (o2 & ~c2) continue;
-      if (n == index) {
-        cls = c2;
-        o = o2;
-      }
-      ++n;
+// The 27 (class, offset) pairs in 8 sets of at most 4, one set per warp (and K half). A set
+// holds one or two classes, its pairs grouped by class: a warp masks the dz fragments once per
+// class it meets, not once per pair (masking had been most of this kernel's instructions).
+struct PairSets {
+  int count[8];
+  int cls[8][4];
+  int offset[8][4];
+};
+
+__host__ __device__ constexpr PairSets make_pair_sets() {
+  PairSets sets{};
+  // Classes in the order they fill the sets: class 7's eight pairs fill three sets (3, 3, 2),
+  // then class 0 (1 pair) completes the third, then classes 3, 5, 6 (4 each), 1 + 2, and 4.
+  constexpr int order[8] = {7, 0, 3, 5, 6, 1, 2, 4};
+  constexpr int capacity[8] = {3, 3, 3, 4, 4, 4, 4, 2};
+  int set = 0;
+  for (int n = 0; n < 8; ++n) {
+    const int cls = order[n];
+    for (int o = 0; o < 8; ++o) {
+      if (o & ~cls) continue;  // offset o needs an odd parity on each axis it shifts
+      if (sets.count[set] == capacity[set]) ++set;
+      sets.cls[set][sets.count[set]] = cls;
+      sets.offset[set][sets.count[set]] = o;
+      ++sets.count[set];
     }
+  }
+  return sets;
 }
+
+__host__ __device__ constexpr bool pair_sets_cover_all_taps(const PairSets& sets) {
+  int total = 0;
+  for (int set = 0; set < 8; ++set) total += sets.count[set];
+  return total == kTaps && sets.count[7] <= 4;
+}
+static_assert(pair_sets_cover_all_taps(make_pair_sets()), "27 pairs in 8 sets of <= 4");
+
+static __constant__ PairSets kPairSets = make_pair_sets();
 
 template <typename T>
 __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
@@ -450,17 +602,35 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
   const int warp = (threadIdx.x >> 5) & 7, half = threadIdx.x >> 8;
   const int g = lane >> 2, t = lane & 3;
 
-  // Rows ci >= cip of the x tile are never loaded: zero them once in both buffers.
-  for (int e = threadIdx.x; e < 2 * xs_size; e += blockDim.x)
-    if ((e % xs_size) / kXStrideT >= cip) xs_base[e] = 0.f;
-  for (int e = threadIdx.x; e < 2 * dz_size; e += blockDim.x)
-    if ((e % dz_size) / kDzStrideT >= cop) dz_base[e] = 0.f;
+  // Rows ci >= cip of the x tiles and co >= cop of the dz tiles are never loaded: zero them
+  // once in both buffers (nothing to do at C_in 16, C_out 32).
+  const int x_pad = (kMaxCin - cip) * kXStrideT, dz_pad = (kMaxCout - cop) * kDzStrideT;
+  for (int e = threadIdx.x; e < 2 * x_pad; e += blockDim.x) {
+    const int buffer = e >= x_pad ? 1 : 0;
+    xs_base[buffer * xs_size + cip * kXStrideT + e - buffer * x_pad] = 0.f;
+  }
+  for (int e = threadIdx.x; e < 2 * dz_pad; e += blockDim.x) {
+    const int buffer = e >= dz_pad ? 1 : 0;
+    dz_base[buffer * dz_size + cop * kDzStrideT + e - buffer * dz_pad] = 0.f;
+  }
 
   auto issue = [&](int tile_index, int buffer) {
     const TileCoord c = decode_tile(tile_index, s.in_size[0], geo.h_tiles, geo.w_tiles);
     issue_x_tile<T>(xs_base + buffer * xs_size, x, s, c, cip, kXStrideT);
     float* dzs = dz_base + buffer * dz_size;
     const int H = s.in_size[1], W = s.in_size[2];
+    if (W % 4 == 0) {  // 16-byte copies, as the dx kernel's halo (each chunk wholly in or out)
+      constexpr int kChunks = kTileW / 4;
+      for (int e = threadIdx.x; e < cop * kTileH * kChunks; e += blockDim.x) {
+        const int row = e / kChunks, chunk = e - row * kChunks;
+        const int co = row / kTileH, hh = row - co * kTileH;
+        const int h = c.h0 + hh, wpos = c.w0 + chunk * 4;
+        const bool valid = co < s.out_channels && h < H && wpos < W;
+        const float* src = valid ? packed_dz + pooled_offset(s, c, co, h, wpos) : packed_dz;
+        cp_async_16(dzs + co * kDzStrideT + hh * kTileW + chunk * 4, src, valid ? 16 : 0);
+      }
+      return;
+    }
     for (int e = threadIdx.x; e < cop * kTilePositions; e += blockDim.x) {
       const int co = e / kTilePositions, p = e % kTilePositions;
       const int h = c.h0 + p / kTileW, wpos = c.w0 + p % kTileW;
@@ -470,14 +640,19 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     }
   };
 
-  int my_cls[4], my_o[4], my_k[4];
-  const int my_pairs = warp < kTaps - 24 ? 4 : 3;
+  uint32_t my_class_bit[4];
+  int my_x_offset[4], my_k[4];
+  bool my_new_class[4];  // pair j's class differs from pair j - 1's: mask the dz fragments again
+  const int my_pairs = kPairSets.count[warp];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    int cls = 0, o = 0;
-    pair_of(j < my_pairs ? j * 8 + warp : warp, cls, o);
-    my_cls[j] = cls;
-    my_o[j] = o;
+    const int jj = j < my_pairs ? j : 0;
+    const int cls = kPairSets.cls[warp][jj], o = kPairSets.offset[warp][jj];
+    my_class_bit[j] = 1u << cls;
+    my_new_class[j] = j == 0 || cls != kPairSets.cls[warp][j - 1];
+    // halo_pos is linear in (hl, row): this lane's x fragment of pair j sits at this offset
+    // from the step's origin (hl, w8), hoisted out of the mma loop.
+    my_x_offset[j] = g * kXStrideT + halo_pos(o, 0, t);
     my_k[j] = class_tap(cls, o);
   }
   float acc[4][4][4];  // [pair][co n-tile][r]: row ci = g (+8), column co = nt*8 + 2t (+1)
@@ -507,6 +682,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     // K = the tile's 256 pooled positions, 8 per step (one h-line holds 4 steps).
     for (int step = half; step < kTilePositions / 8; step += 2) {
       const int hl = step >> 2, w8 = (step & 3) * 8;
+      const float* x_step = xs + hl * kHaloRow + w8;
       // dz B fragments (unmasked) for the 4 channel n-tiles: b0 = (pos t, co g), b1 = (t+4, g)
       uint32_t braw[4][2];
 #pragma unroll
@@ -515,19 +691,25 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
         braw[nt][0] = __float_as_uint(d0[0]);
         braw[nt][1] = __float_as_uint(d0[4]);
       }
+      uint32_t bmask[4][2];  // braw masked to the current pair's class
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (j >= my_pairs) break;
-        const int pos0 = halo_pos(my_o[j], hl, w8 + t);
+        if (my_new_class[j]) {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt) {
+            bmask[nt][0] = masked_class(braw[nt][0], my_class_bit[j]);
+            bmask[nt][1] = masked_class(braw[nt][1], my_class_bit[j]);
+          }
+        }
         // A = x^T: a0 = (ci g, pos t), a1 = (ci g+8, pos t), a2 = (g, t+4), a3 = (g+8, t+4)
-        const float* xa = xs + g * kXStrideT + pos0;
+        const float* xa = x_step + my_x_offset[j];
         const float v0 = xa[0], v1 = xa[8 * kXStrideT], v2 = xa[4], v3 = xa[8 * kXStrideT + 4];
         const uint32_t a[4] = {__float_as_uint(v0), __float_as_uint(v1), __float_as_uint(v2),
                                __float_as_uint(v3)};
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt)
-          mma_tf32(acc[j][nt], a, __uint_as_float(masked_class(braw[nt][0], my_cls[j])),
-                   __uint_as_float(masked_class(braw[nt][1], my_cls[j])));
+          mma_tf32(acc[j][nt], a, __uint_as_float(bmask[nt][0]), __uint_as_float(bmask[nt][1]));
       }
     }
     __syncthreads();
@@ -564,32 +746,56 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
 
 // ------------------------------------------------------------------ 4. fixed-order reductions
 
+// Items: the padded weight partials [k][ci 16][co 32] (kWeightItems), then the channel
+// partials [dbias 32 | dmultiplier 32]. A block sums 32 consecutive items (lane = item, so
+// every load is one 128-byte line); its 8 warps take consecutive eighths of the slots, each
+// summed in slot order with several loads in flight, and warp 0 adds the eighths in order:
+// a fixed order, so the result does not depend on scheduling.
+constexpr int kWeightItems = kTaps * kMaxCin * kMaxCout;
+constexpr int kReduceItems = kWeightItems + 2 * kMaxCout;
+constexpr int kReduceWarps = kThreads / 32;
+static_assert(kWeightItems % 32 == 0 && kReduceItems % 32 == 0, "whole warps of items");
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) parity_reduce_kernel(
     const float* __restrict__ weight_partials, int weight_blocks,
     const float* __restrict__ channel_partials, int channel_blocks, T* __restrict__ grad_w,
     float* __restrict__ grad_bias, float* __restrict__ grad_multiplier, BlockShape s) {
-  const int weight_numel = s.in_channels * s.out_channels * kTaps;
-  const int total = weight_numel + 2 * s.out_channels;
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < total; e += gridDim.x * blockDim.x) {
-    if (e < weight_numel) {
-      if (!grad_w) continue;
-      const int k = e % kTaps, co = (e / kTaps) % s.out_channels, ci = e / (kTaps * s.out_channels);
-      float sum = 0.f;
-      for (int b = 0; b < weight_blocks; ++b)
-        sum += weight_partials[((int64_t)b * kTaps + k) * kMaxCin * kMaxCout + ci * kMaxCout + co];
-      grad_w[e] = from_acc<T>(sum);
-    } else {
-      const int j = e - weight_numel;
-      const int co = j % s.out_channels;
-      const bool is_mult = j >= s.out_channels;
-      float* target = is_mult ? grad_multiplier : grad_bias;
-      if (!target) continue;
-      float sum = 0.f;
-      for (int b = 0; b < channel_blocks; ++b)
-        sum += channel_partials[b * 64 + (is_mult ? 32 : 0) + co];
-      target[co] = sum;
-    }
+  __shared__ float eighths[kReduceWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int item = blockIdx.x * 32 + lane;
+  const bool weight_item = blockIdx.x * 32 < kWeightItems;  // a block is one kind or the other
+  const float* src =
+      weight_item ? weight_partials + item : channel_partials + (item - kWeightItems);
+  const int stride = weight_item ? kWeightItems : 2 * kMaxCout;
+  const int slots = weight_item ? weight_blocks : channel_blocks;
+  const int first = (int)((int64_t)slots * warp / kReduceWarps);
+  const int last = (int)((int64_t)slots * (warp + 1) / kReduceWarps);
+  float sum = 0.f;
+  int b = first;
+  for (; b + 4 <= last; b += 4) {
+    float v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = src[(int64_t)(b + u) * stride];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) sum += v[u];
+  }
+  for (; b < last; ++b) sum += src[(int64_t)b * stride];
+  eighths[warp][lane] = sum;
+  __syncthreads();
+  if (warp != 0) return;
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kReduceWarps; ++w) total += eighths[w][lane];
+  if (weight_item) {
+    const int k = item / (kMaxCin * kMaxCout), ci = (item / kMaxCout) % kMaxCin;
+    const int co = item % kMaxCout;
+    if (grad_w && ci < s.in_channels && co < s.out_channels)
+      grad_w[((int64_t)ci * s.out_channels + co) * kTaps + k] = from_acc<T>(total);
+  } else {
+    const int j = item - kWeightItems, co = j % kMaxCout;
+    float* target = j >= kMaxCout ? grad_multiplier : grad_bias;
+    if (target && co < s.out_channels) target[co] = total;
   }
 }
 
@@ -628,7 +834,8 @@ constexpr int64_t kDzChunkFloats = 2 * 1024 * 1024;
 struct WorkspaceLayout {
   int chunk_batch;  // images per chunk
   int blocks;       // blocks per launch = partial slots
-  int64_t packed_dz_floats, channel_floats, weight_floats;
+  // In this order (the first two sizes are multiples of 4, keeping packed_dz 16-byte aligned):
+  int64_t grad_x_weight_floats, packed_dz_floats, channel_floats, weight_floats;
 };
 
 inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
@@ -643,6 +850,7 @@ inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
   const BackwardGeometry geo = geometry_of(first);
   l.blocks = sms < geo.tiles ? sms : geo.tiles;
   if (l.blocks < 1) l.blocks = 1;
+  l.grad_x_weight_floats = (int64_t)kTaps * kMaxCout * 16;
   l.packed_dz_floats = per_image * l.chunk_batch;
   l.channel_floats = (int64_t)l.blocks * 64;
   l.weight_floats = (int64_t)l.blocks * kTaps * kMaxCin * kMaxCout;
@@ -655,11 +863,22 @@ inline int sm_count() {
 }
 
 template <typename T>
+auto grad_x_kernel_for(int co_padded) {
+  switch (co_padded / 8) {
+    case 1: return parity_grad_x_kernel<T, 1>;
+    case 2: return parity_grad_x_kernel<T, 2>;
+    case 3: return parity_grad_x_kernel<T, 3>;
+    default: return parity_grad_x_kernel<T, 4>;  // C_out <= kMaxCout = 32
+  }
+}
+
+template <typename T>
 cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
                                   cudaStream_t stream) {
   const BackwardGeometry geo = geometry_of(s);
   const WorkspaceLayout l = workspace_layout(s, sm_count());
-  float* packed_dz = static_cast<float*>(a.workspace);
+  float* grad_x_weights = static_cast<float*>(a.workspace);
+  float* packed_dz = grad_x_weights + l.grad_x_weight_floats;
   float* channel_partials = packed_dz + l.packed_dz_floats;
   float* weight_partials = channel_partials + l.channel_floats;
   const T* w = static_cast<const T*>(a.weight);
@@ -677,7 +896,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
   cudaError_t e;
   if (geo.tiles > 0) {
     auto winner = parity_winner_grad_kernel<T>;
-    auto grad_x_kernel = parity_grad_x_kernel<T>;
+    auto grad_x_kernel = grad_x_kernel_for<T>(geo.co_padded);
     auto grad_w_kernel = parity_grad_weight_kernel<T>;
     const size_t smem = winner_smem(), smem_x = grad_x_smem(geo),
                  smem_w = grad_weight_smem(geo);
@@ -694,22 +913,24 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
       const int blocks = l.blocks < gc.tiles ? l.blocks : gc.tiles;
       const int accumulate = n0 > 0;
       const T* x = static_cast<const T*>(a.x) + n0 * x_image;
+      // The first chunk's first kernel also writes the dx kernel's weight operand.
+      float* write_weights = (a.grad_x && n0 == 0) ? grad_x_weights : nullptr;
       if (dz_from_output) {
         parity_dz_from_output_kernel<T><<<dim3(dz_slices, s.out_channels), kThreadsDz, 0, stream>>>(
             x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
             static_cast<const T*>(a.grad_y) + n0 * y_image,
             static_cast<const T*>(a.y) + n0 * y_image, a.window_index + n0 * y_image, packed_dz,
-            channel_partials, sc, accumulate);
+            channel_partials, write_weights, sc, accumulate);
       } else {
         winner<<<blocks, kThreadsWinner, smem, stream>>>(
             x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
             static_cast<const T*>(a.grad_y) + n0 * y_image, a.window_index + n0 * y_image,
-            packed_dz, channel_partials, sc, gc, accumulate);
+            packed_dz, channel_partials, write_weights, sc, gc, accumulate);
       }
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       if (a.grad_x) {
         grad_x_kernel<<<blocks, kThreadsWide, smem_x, stream>>>(
-            packed_dz, w, static_cast<T*>(a.grad_x) + n0 * x_image, sc, gc);
+            packed_dz, grad_x_weights, static_cast<T*>(a.grad_x) + n0 * x_image, sc, gc);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
       }
       if (a.grad_weight) {
@@ -724,12 +945,10 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
         (e = cudaMemsetAsync(a.grad_x, 0, s.input_numel() * sizeof(T), stream)) != cudaSuccess)
       return e;
   }
-  const int weight_numel = s.in_channels * s.out_channels * kTaps;
-  const int total = weight_numel + 2 * s.out_channels;
   const int channel_blocks = geo.tiles > 0 ? (dz_from_output ? dz_slices : l.blocks) : 0;
   const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? l.blocks : 0;
-  if (total > 0 && (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels)) {
-    parity_reduce_kernel<T><<<(total + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+  if (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels) {
+    parity_reduce_kernel<T><<<kReduceItems / 32, kThreads, 0, stream>>>(
         weight_partials, weight_blocks, channel_partials, channel_blocks,
         static_cast<T*>(a.grad_weight), static_cast<float*>(a.grad_bias_channels),
         static_cast<float*>(a.grad_multiplier_channels), s);
@@ -753,7 +972,8 @@ bool parity_backward_supported(const BlockShape& s, DType dtype, bool allow_tf32
 
 int64_t parity_backward_workspace_bytes(const BlockShape& s, DType) {
   const parity::WorkspaceLayout l = parity::workspace_layout(s, parity::sm_count());
-  return (int64_t)sizeof(float) * (l.packed_dz_floats + l.channel_floats + l.weight_floats);
+  return (int64_t)sizeof(float) *
+         (l.grad_x_weight_floats + l.packed_dz_floats + l.channel_floats + l.weight_floats);
 }
 
 cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool /*allow_tf32*/,
@@ -770,13 +990,18 @@ cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool /*allo
 #define FUSED3D_INSTANTIATE_PARITY_BACKWARD(T)                                                \
   template __global__ void parity::parity_dz_from_output_kernel<T>(                           \
       const T*, const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*,     \
-      float*, BlockShape, int);                                                               \
+      float*, float*, BlockShape, int);                                                       \
   template __global__ void parity::parity_winner_grad_kernel<T>(                              \
       const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*, float*,       \
-      BlockShape, parity::BackwardGeometry, int);                                             \
-  template __global__ void parity::parity_grad_x_kernel<T>(const float*, const T*, T*,        \
-                                                           BlockShape,                        \
-                                                           parity::BackwardGeometry);         \
+      float*, BlockShape, parity::BackwardGeometry, int);                                     \
+  template __global__ void parity::parity_grad_x_kernel<T, 1>(                                \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+  template __global__ void parity::parity_grad_x_kernel<T, 2>(                                \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+  template __global__ void parity::parity_grad_x_kernel<T, 3>(                                \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+  template __global__ void parity::parity_grad_x_kernel<T, 4>(                                \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
   template __global__ void parity::parity_grad_weight_kernel<T>(                              \
       const T*, const float*, float*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_reduce_kernel<T>(const float*, int, const float*,   \
