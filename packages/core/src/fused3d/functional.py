@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import DEFAULT_NEGATIVE_SLOPE, BlockConfig
+from .ops import call_forward
 from .registry import resolve_namespace
 from .validation import validate_inputs
 
@@ -36,10 +37,10 @@ def fused_block_with_index(
     )
     validate_inputs(x, weight, bias, multiplier, config)
     namespace = resolve_namespace(backend, x.device.type, x.dtype)
-    forward = getattr(torch.ops, namespace).forward
     # The kernels read dense row-major tensors; .contiguous() is free when they already are
     # and differentiable when they are not (channels_last_3d, slices).
-    return forward(
+    return call_forward(
+        namespace,
         x.contiguous(),
         weight.contiguous(),
         None if bias is None else bias.contiguous(),

@@ -107,40 +107,99 @@ def _fake_backward(grad_y, y, window_index, x, weight, bias, multiplier, stride,
 # --------------------------------------------------------------------------- autograd
 
 
+def _setup_context(ctx, inputs, output, saves_output: bool) -> None:
+    x, weight, bias, multiplier, stride, padding, output_padding, negative_slope, allow_tf32 = (
+        inputs
+    )
+    y, window_index = output
+    ctx.mark_non_differentiable(window_index)
+    # No zero tensor for the index's (non-existent) gradient, nor for an unused y.
+    ctx.set_materialize_grads(False)
+    # y is kept only for backends whose backward reads it: holding it would otherwise keep
+    # a pooled-size tensor alive that the caller may have dropped.
+    ctx.save_for_backward(x, weight, bias, multiplier, window_index,
+                          y if saves_output else None)
+    ctx.op_args = (list(stride), list(padding), list(output_padding), negative_slope,
+                   allow_tf32)
+
+
+def _backward(ctx, grad_y, backward_op: Callable) -> tuple:
+    """The nine input gradients (None where not wanted) from the backend's backward op."""
+    x, weight, bias, multiplier, window_index, y = ctx.saved_tensors
+    wanted = list(ctx.needs_input_grad[:4])
+    if bias is None:
+        wanted[2] = False
+    if grad_y is None or not any(wanted):
+        return (None,) * 9
+    grads = backward_op(
+        grad_y.contiguous(), y, window_index, x, weight, bias, multiplier, *ctx.op_args,
+        wanted,
+    )
+    return tuple(g if w else None for g, w in zip(grads, wanted, strict=True)) + (None,) * 5
+
+
 def _make_setup_context(saves_output: bool):
     def setup_context(ctx, inputs, output):
-        x, weight, bias, multiplier, stride, padding, output_padding, negative_slope, allow_tf32 = (
-            inputs
-        )
-        y, window_index = output
-        ctx.mark_non_differentiable(window_index)
-        # No zero tensor for the index's (non-existent) gradient, nor for an unused y.
-        ctx.set_materialize_grads(False)
-        # y is kept only for backends whose backward reads it: holding it would otherwise keep
-        # a pooled-size tensor alive that the caller may have dropped.
-        ctx.save_for_backward(x, weight, bias, multiplier, window_index,
-                              y if saves_output else None)
-        ctx.op_args = (list(stride), list(padding), list(output_padding), negative_slope,
-                       allow_tf32)
+        _setup_context(ctx, inputs, output, saves_output)
 
     return setup_context
 
 
 def _make_backward(backward_op: Callable):
     def backward(ctx, grad_y, grad_window_index):
-        x, weight, bias, multiplier, window_index, y = ctx.saved_tensors
-        wanted = list(ctx.needs_input_grad[:4])
-        if bias is None:
-            wanted[2] = False
-        if grad_y is None or not any(wanted):
-            return (None,) * 9
-        grads = backward_op(
-            grad_y.contiguous(), y, window_index, x, weight, bias, multiplier, *ctx.op_args,
-            wanted,
-        )
-        return tuple(g if w else None for g, w in zip(grads, wanted, strict=True)) + (None,) * 5
+        return _backward(ctx, grad_y, backward_op)
 
     return backward
+
+
+#: Whether each registered namespace's backward reads y (see :func:`register_block_ops`).
+_SAVES_OUTPUT: dict[str, bool] = {}
+
+
+class _EagerBlock(torch.autograd.Function):
+    """Eager training calls: the registered formula (the same two functions), applied without
+    torch.library's per-call Python wrapper, which re-binds the arguments and redispatches.
+    (Old-style forward(ctx, ...): a separate setup_context makes apply() bind arguments by
+    signature on every call. Under torch.func transforms the registered op runs instead.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, multiplier, stride, padding, output_padding,
+                negative_slope, allow_tf32, namespace):
+        ops = getattr(torch.ops, namespace)
+        with torch._C._AutoDispatchBelowAutograd():
+            output = ops.forward.default(x, weight, bias, multiplier, stride, padding,
+                                         output_padding, negative_slope, allow_tf32)
+        _setup_context(ctx, (x, weight, bias, multiplier, stride, padding, output_padding,
+                             negative_slope, allow_tf32), output, _SAVES_OUTPUT[namespace])
+        ctx.backward_op = ops.backward.default
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_window_index):
+        return (*_backward(ctx, grad_y, ctx.backward_op), None)
+
+
+def call_forward(namespace: str, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None, multiplier: torch.Tensor, stride: Sequence[int],
+                 padding: Sequence[int], output_padding: Sequence[int], negative_slope: float,
+                 allow_tf32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a backend's forward op as the public API does: ``(y, window_index)``.
+
+    Under torch.compile or torch.func transforms the op is called as registered (its autograd
+    formula is what the compiler traces); in eager mode the same formula runs through
+    :class:`_EagerBlock`, or, when no gradient is needed, the op's kernel is called directly.
+    """
+    args = (x, weight, bias, multiplier, stride, padding, output_padding, negative_slope,
+            allow_tf32)
+    op = getattr(torch.ops, namespace).forward.default
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return op(*args)
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, multiplier)
+    ):
+        return _EagerBlock.apply(*args, namespace)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # --------------------------------------------------------------------------- definition
@@ -168,6 +227,7 @@ def register_block_ops(namespace: str, *, saves_output: bool = False) -> None:
     torch.library.register_fake(forward_name, _fake_forward)
     torch.library.register_fake(backward_name, _fake_backward)
     backward_op = getattr(torch.ops, namespace).backward.default
+    _SAVES_OUTPUT[namespace] = saves_output
     torch.library.register_autograd(
         forward_name, _make_backward(backward_op),
         setup_context=_make_setup_context(saves_output),
