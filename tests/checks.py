@@ -135,8 +135,8 @@ def random_like_output(y: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
 
 
-def _as64(tensor: torch.Tensor | None) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().to("cpu", torch.float64)
+def _as64(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().to(device, torch.float64)
 
 
 def max_abs(tensor: torch.Tensor) -> float:
@@ -167,22 +167,24 @@ def off_kink(conv64: torch.Tensor, window_index: torch.Tensor, threshold: float)
 
 
 def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Generator,
-                         allow_tf32: bool = True, gradients: bool = True) -> None:
-    """The heart of the suite: forward, window index and the four gradients vs float64."""
+                         allow_tf32: bool = True, gradients: bool = True,
+                         oracle_device: torch.device | str = "cpu") -> None:
+    """The heart of the suite: forward, window index and the four gradients vs float64
+    (computed on ``oracle_device``: the CPU, or the GPU for problems too large for it)."""
     case = inputs.case
     stride, padding, output_padding = case.op_args()
     args = (*inputs.tensors(), stride, padding, output_padding, case.negative_slope)
-    y64, index64, values64 = oracle_forward(*args, device="cpu")
+    y64, index64, values64 = oracle_forward(*args, device=oracle_device)
     probe = torch.empty(y64.shape, dtype=inputs.x.dtype, device=inputs.x.device)
     tol = tolerance_for(backend_name, inputs.x.dtype, inputs.x.device.type, allow_tf32)
     grad_y = random_like_output(probe, generator) if gradients else None
-    conv64 = F.conv_transpose3d(*(_as64(t) for t in inputs.tensors()[:3]), stride=stride,
-                                padding=padding, output_padding=output_padding)
+    conv64 = F.conv_transpose3d(*(_as64(t, oracle_device) for t in inputs.tensors()[:3]),
+                                stride=stride, padding=padding, output_padding=output_padding)
 
     def grad_off_kink(window_index):
         # No gradient for windows whose winner sits at the kink within rounding (see off_kink);
         # the rest (nearly all) are judged against float64.
-        keep = off_kink(conv64, window_index.cpu(), tol.forward * max_abs(conv64))
+        keep = off_kink(conv64, window_index, tol.forward * max_abs(conv64))
         return grad_y * keep.to(grad_y.device, grad_y.dtype)
 
     y, window_index, grads = run_backend(backend_name, inputs,
@@ -193,7 +195,7 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
     assert y.shape == y64.shape and y.dtype == inputs.x.dtype, (y.shape, y.dtype)
     assert window_index.dtype == torch.uint8 and window_index.shape == y64.shape
     assert window_index.device == inputs.x.device and y.device == inputs.x.device
-    index = window_index.cpu()
+    index = window_index.to(y64.device)
     assert index.numel() == 0 or int(index.max()) < 8, "window index out of range (unwritten?)"
 
     # The winner: exactly PyTorch's where the margin exceeds rounding; a maximum otherwise.
@@ -216,12 +218,12 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
     error = relative_error(y, y64)
     assert error <= tol.forward, f"forward relative error {error:.3g} > {tol.forward:.3g}"
     if tol.elementwise is not None:
-        torch.testing.assert_close(y.cpu().double(), y64, rtol=tol.elementwise,
+        torch.testing.assert_close(y.to(y64.device, torch.float64), y64, rtol=tol.elementwise,
                                    atol=tol.elementwise * scale, equal_nan=True)
     if not gradients:
         return
 
-    expected = oracle_gradients(*args, grad_y, window_index, device="cpu")
+    expected = oracle_gradients(*args, grad_y, window_index, device=oracle_device)
     for name, got, want in zip(("dx", "dweight", "dbias", "dmultiplier"), grads, expected,
                                strict=True):
         if want is None:
@@ -234,5 +236,6 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
         )
         if tol.elementwise is not None:
             grad_scale = max_abs(want)
-            torch.testing.assert_close(got.cpu().double(), want, rtol=tol.elementwise,
+            torch.testing.assert_close(got.to(want.device, torch.float64), want,
+                                       rtol=tol.elementwise,
                                        atol=tol.elementwise * grad_scale, equal_nan=True)
