@@ -6,11 +6,11 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import fused3d
 from fused3d.config import BlockConfig
 from fused3d.testing import (
+    oracle_conv,
     oracle_forward,
     oracle_gradients,
     relative_error,
@@ -135,10 +135,6 @@ def random_like_output(y: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.device, y.dtype)
 
 
-def _as64(tensor: torch.Tensor | None, device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.detach().to(device, torch.float64)
-
-
 def max_abs(tensor: torch.Tensor) -> float:
     """Largest finite magnitude, 1.0 for an empty (or all non-finite) tensor."""
     finite = tensor[torch.isfinite(tensor)]
@@ -178,19 +174,19 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
     probe = torch.empty(y64.shape, dtype=inputs.x.dtype, device=inputs.x.device)
     tol = tolerance_for(backend_name, inputs.x.dtype, inputs.x.device.type, allow_tf32)
     grad_y = random_like_output(probe, generator) if gradients else None
-    conv64 = F.conv_transpose3d(*(_as64(t, oracle_device) for t in inputs.tensors()[:3]),
-                                stride=stride, padding=padding, output_padding=output_padding)
+    conv64 = oracle_conv(*inputs.tensors()[:3], stride, padding, output_padding,
+                         device=oracle_device)
 
     def grad_off_kink(window_index):
         # No gradient for windows whose winner sits at the kink within rounding (see off_kink);
-        # the rest (nearly all) are judged against float64.
+        # the rest (nearly all) are judged against float64. The oracle uses this grad_y too.
+        nonlocal grad_y
         keep = off_kink(conv64, window_index, tol.forward * max_abs(conv64))
-        return grad_y * keep.to(grad_y.device, grad_y.dtype)
+        grad_y = grad_y * keep.to(grad_y.device, grad_y.dtype)
+        return grad_y
 
     y, window_index, grads = run_backend(backend_name, inputs,
                                          grad_off_kink if gradients else None, allow_tf32)
-    if gradients:
-        grad_y = grad_off_kink(window_index)
 
     assert y.shape == y64.shape and y.dtype == inputs.x.dtype, (y.shape, y.dtype)
     assert window_index.dtype == torch.uint8 and window_index.shape == y64.shape

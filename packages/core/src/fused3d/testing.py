@@ -128,6 +128,12 @@ def _as64(tensor, device):
     return None if tensor is None else tensor.detach().to(device or tensor.device, torch.float64)
 
 
+def oracle_conv(x, weight, bias, stride, padding, output_padding, *, device=None):
+    """The float64 conv-transpose values (before the activations), on ``device``."""
+    return F.conv_transpose3d(*(_as64(t, device) for t in (x, weight, bias)), stride=stride,
+                              padding=padding, output_padding=output_padding)
+
+
 def oracle_forward(x, weight, bias, multiplier, stride, padding, output_padding,
                    negative_slope, *, device=None):
     """float64 ``(y, window_index, activated values)``, computed on ``device`` (default: x's)."""
