@@ -21,13 +21,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backend")
     parser.add_argument("--tf32", choices=["on", "off"], default="on")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--forward-only", action="store_true")
     args = parser.parse_args()
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
-    model = fused3d.FusedModel(*kernelbench.get_init_inputs(), backend=args.backend).cuda()
-    x = kernelbench.get_inputs()[0].cuda().requires_grad_(not args.forward_only)
+    dtype = getattr(torch, args.dtype)
+    model = fused3d.FusedModel(*kernelbench.get_init_inputs(), backend=args.backend)
+    model = model.to("cuda", dtype)
+    x = kernelbench.get_inputs()[0].to("cuda", dtype).requires_grad_(not args.forward_only)
 
     def step() -> None:
         if args.forward_only:
@@ -43,7 +46,8 @@ def main() -> None:
     step()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"{args.backend}: {args.warmup} warm-up steps and 1 profiled step, tf32 {args.tf32}")
+    print(f"{args.backend}: {args.warmup} warm-up steps and 1 profiled step, {args.dtype}, "
+          f"tf32 {args.tf32}")
 
 
 if __name__ == "__main__":
