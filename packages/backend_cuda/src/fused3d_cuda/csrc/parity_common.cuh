@@ -132,30 +132,39 @@ __device__ __forceinline__ void for_each_halo_plane(int channels, PlaneFn fn) {
 }
 
 // fp32 x tile by 16-byte copies: each row's first 32 values as 8 chunks (the copy zero-fills
-// a chunk's part past W, or all of it outside the input), the 33rd value on its own. Needs
-// W % 4 == 0 and a 16-byte aligned x, so that every row starts aligned.
+// a chunk's part past W, or all of it outside the input), then the 33rd value of every row on
+// its own. Needs W % 4 == 0 and a 16-byte aligned x, so that every row starts aligned. Eight
+// threads share a row, so each copy works out its row with one division, not three.
 __device__ __forceinline__ void issue_x_tile_chunks(float* xs, const float* x, const BlockShape& s,
                                                     TileCoord c, int ci_padded, int stride) {
+  static_assert(kHaloD == 2, "a halo row's depth offset is one comparison");
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   const int64_t spatial = (int64_t)D * H * W;
   const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
-  constexpr int kChunks = kTileW / 4, kPieces = kChunks + 1, kRows = kHaloD * kHaloH;
-  const int total = ci_padded * kRows * kPieces;
-#pragma unroll 1  // with C_in known at compile time, unrolling holds several copies' registers
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int row = e / kPieces, piece = e - row * kPieces;
+  constexpr int kChunks = kTileW / 4, kRows = kHaloD * kHaloH;
+  const int rows = ci_padded * kRows;
+  // Row `row` of the tile: channel ci, depth offset dd, h offset hh; src is null outside x.
+  auto locate = [&](int row, int iw, int& dst_offset) -> const float* {
     const int ci = row / kRows, rest = row - ci * kRows;  // rest = dd * kHaloH + hh
-    const int dd = rest / kHaloH, hh = rest - dd * kHaloH;
-    const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + piece * 4;
-    const int width = piece < kChunks ? 4 : 1;
-    const int values = (ci < s.in_channels && id < D && ih < H) ? max(0, min(width, W - iw)) : 0;
-    const float* src = values > 0 ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : x;
-    float* dst = xs + ci * stride + rest * kHaloRow + piece * 4;
-    if (piece < kChunks) {
-      cp_async_16(dst, src, 4 * values);
-    } else {
-      cp_async_f32(dst, src, values > 0);
-    }
+    const int dd = rest >= kHaloH, hh = rest - dd * kHaloH;
+    const int id = c.d + dd, ih = c.h0 + hh;
+    dst_offset = ci * stride + rest * kHaloRow;
+    const bool inside = ci < s.in_channels && id < D && ih < H && iw < W;
+    return inside ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : nullptr;
+  };
+  const int chunk = threadIdx.x % kChunks, iw = c.w0 + chunk * 4;
+#pragma unroll 1  // with C_in known at compile time, unrolling holds several copies' registers
+  for (int row = threadIdx.x / kChunks; row < rows; row += blockDim.x / kChunks) {
+    int dst_offset;
+    const float* src = locate(row, iw, dst_offset);
+    const int values = src ? min(4, W - iw) : 0;
+    cp_async_16(xs + dst_offset + chunk * 4, src ? src : x, 4 * values);
+  }
+#pragma unroll 1
+  for (int row = threadIdx.x; row < rows; row += blockDim.x) {
+    int dst_offset;
+    const float* src = locate(row, c.w0 + kTileW, dst_offset);
+    cp_async_f32(xs + dst_offset + kTileW, src ? src : x, src != nullptr);
   }
 }
 

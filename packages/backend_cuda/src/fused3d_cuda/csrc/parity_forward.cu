@@ -32,36 +32,47 @@ constexpr int kTaps = 27;
 // arrives with its bias; leaky(m * leaky(t)) is linear on each side of t = 0, so it is
 // t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
 // slope (one rounding instead of three; NaN and infinities propagate the same way).
-// best starts at -inf and every window's class-0 bit is set in `taken`: `best < v or isnan(v)`
-// then takes class 0 unless it is -inf, which leaves index 0 as PyTorch does. Each take sets
-// the class's bit in the window's byte of `taken` (4 windows per word); classes come in index
-// order, so the window index is the byte's highest set bit (window_of_taken).
-constexpr uint32_t kClassZeroTaken = 0x01010101u;
-
-__device__ __forceinline__ void fold_into_pool(float t, float c_pos, float c_neg,
-                                               uint32_t class_bit, float& best,
-                                               uint32_t& taken) {
+// best starts at -inf and the window index at 0: `best < v or isnan(v)` then takes class 0
+// unless it is -inf, which leaves index 0 as PyTorch does. Window indices travel packed, one
+// byte per window (4 per word, byte `slot`); a take writes the class into its byte.
+__device__ __forceinline__ void fold_into_pool(float t, float c_pos, float c_neg, uint32_t cls,
+                                               int slot, float& best, uint32_t& windows) {
   const float v = t * (t > 0.f ? c_pos : c_neg);
   if (pool_takes(best, v)) {
     best = v;
-    taken |= class_bit;
+    windows = (windows & ~(0xffu << (8 * slot))) | (cls << (8 * slot));
   }
 }
 
-__device__ __forceinline__ uint32_t window_of_taken(uint32_t taken, int byte) {
-  return 31u - __clz((taken >> (8 * byte)) & 0xffu);
+// Where one thread's pooled outputs go, y[n, co, d, h, w] (and the window index, same
+// offsets): its values differ by compile-time multiples of the channel stride plus w, so a
+// store costs an add and its bounds checks, not the whole index product.
+struct PooledOutputs {
+  int64_t base;            // offset of (n, co_first, d, h, w = 0)
+  int64_t channel_stride;  // D * H * W
+  int width;               // W, or 0 when row h lies outside the input (nothing to store)
+  int channels;            // output channels from co_first on
+};
+
+__device__ __forceinline__ PooledOutputs pooled_outputs(const BlockShape& s, TileCoord c, int h,
+                                                        int co_first) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  PooledOutputs p;
+  p.channel_stride = (int64_t)D * H * W;
+  p.base = (((int64_t)c.n * s.out_channels + co_first) * D + c.d) * H * (int64_t)W +
+           (int64_t)h * W;
+  p.width = h < H ? W : 0;
+  p.channels = s.out_channels - co_first;
+  return p;
 }
 
 template <typename T>
-__device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const BlockShape& s,
-                                             TileCoord c, int h, int w, int co, float v,
-                                             uint32_t win) {
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  if (h < H && w < W && co < s.out_channels) {
-    const int64_t off = (((int64_t)c.n * s.out_channels + co) * D + c.d) * H * (int64_t)W +
-                        (int64_t)h * W + w;
+__device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const PooledOutputs& p,
+                                             int channel, int w, float v, uint32_t window) {
+  if (w < p.width && channel < p.channels) {
+    const int64_t off = p.base + channel * p.channel_stride + w;
     y[off] = from_acc<T>(v);
-    window_index[off] = (uint8_t)win;
+    window_index[off] = (uint8_t)window;
   }
 }
 
@@ -79,12 +90,12 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
   const int hl = warp >> 1, row0 = (warp & 1) * 16;
   const int g = lane >> 2, t = lane & 3;
   float best[MT][4][4];
-  uint32_t taken[MT][4];
+  uint32_t windows[MT][4];  // byte r: the window index of value r
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      taken[mt][nt] = kClassZeroTaken;
+      windows[mt][nt] = 0;
 #pragma unroll
       for (int r = 0; r < 4; ++r) best[mt][nt][r] = -INFINITY;
     }
@@ -99,22 +110,21 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int col = nt * 8 + 2 * t + (r & 1);
-          fold_into_pool(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col],
-                         1u << (cls + 8 * r), best[mt][nt][r], taken[mt][nt]);
+          fold_into_pool(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col], cls, r,
+                         best[mt][nt][r], windows[mt][nt]);
         }
   }
-  const int co0 = blockIdx.y * kCoTile;
+  // Value r of n-tile nt: channel co_first + nt * 8 + (r & 1), w = w_first + 8 * (r >> 1).
+  const PooledOutputs out = pooled_outputs(s, c, c.h0 + hl, blockIdx.y * kCoTile + 2 * t);
+  const int w_first = c.w0 + row0 + g;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int row = row0 + mt * 16 + g + 8 * (r >> 1);
-        const int col = nt * 8 + 2 * t + (r & 1);
-        store_pooled(y, window_index, s, c, c.h0 + hl, c.w0 + row, co0 + col,
-                     best[mt][nt][r], window_of_taken(taken[mt][nt], r));
-      }
+      for (int r = 0; r < 4; ++r)
+        store_pooled(y, window_index, out, nt * 8 + (r & 1), w_first + mt * 16 + 8 * (r >> 1),
+                     best[mt][nt][r], (windows[mt][nt] >> (8 * r)) & 0xffu);
 }
 
 // ------------------------------------------------------------------ IEEE fp32 core (FFMA)
@@ -149,10 +159,10 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
   const int lane = threadIdx.x & 31, hl = threadIdx.x >> 5;
   const int cg = lane & 3, wg = lane >> 2;
   float best[4][8];
-  uint32_t taken[8];  // byte j: the classes taken at w position j, channel cc
+  uint32_t windows[8];  // byte j: the window index at w position j, channel cc
 #pragma unroll
   for (int cc = 0; cc < 8; ++cc) {
-    taken[cc] = kClassZeroTaken;
+    windows[cc] = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) best[j][cc] = -INFINITY;
   }
@@ -175,17 +185,32 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
       const int col = cg * 8 + cc;
 #pragma unroll
       for (int j = 0; j < 4; ++j)
-        fold_into_pool(acc[j][cc], slopes_s[col], slopes_s[kCoTile + col], 1u << (cls + 8 * j),
-                       best[j][cc], taken[cc]);
+        fold_into_pool(acc[j][cc], slopes_s[col], slopes_s[kCoTile + col], cls, j, best[j][cc],
+                       windows[cc]);
     }
   }
-  const int co0 = blockIdx.y * kCoTile;
+  // The thread's 4 w positions are consecutive: where W % 4 == 0 they are 16 aligned bytes of y
+  // and 4 of the window index (its packed word as it stands), one store each per channel.
+  const PooledOutputs out = pooled_outputs(s, c, c.h0 + hl, blockIdx.y * kCoTile + cg * 8);
+  const int w_first = c.w0 + wg * 4;
+  const bool vectors = out.width % 4 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0 &&
+                       (reinterpret_cast<uintptr_t>(window_index) & 3) == 0;
 #pragma unroll
-  for (int cc = 0; cc < 8; ++cc)
+  for (int cc = 0; cc < 8; ++cc) {
+    if (vectors) {
+      if (w_first < out.width && cc < out.channels) {
+        const int64_t off = out.base + cc * out.channel_stride + w_first;
+        *reinterpret_cast<float4*>(y + off) =
+            make_float4(best[0][cc], best[1][cc], best[2][cc], best[3][cc]);
+        *reinterpret_cast<uint32_t*>(window_index + off) = windows[cc];
+      }
+    } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      store_pooled(y, window_index, s, c, c.h0 + hl, c.w0 + wg * 4 + j, co0 + cg * 8 + cc,
-                   best[j][cc], window_of_taken(taken[cc], j));
+      for (int j = 0; j < 4; ++j)
+        store_pooled(y, window_index, out, cc, w_first + j, best[j][cc],
+                     (windows[cc] >> (8 * j)) & 0xffu);
+    }
+  }
 }
 
 // ------------------------------------------------------------------ the kernel
