@@ -69,20 +69,24 @@ def test_half_types(backend_name, device, generator, case, dtype):
 
 
 # The fast paths cut the work into tiles (the cuda backend: 8 x 32 pooled positions, 32 output
-# channels, C_in in mma steps of 8, rows copied 16 bytes at a time when W % 4 == 0). These cases
-# cross every edge: H and W past one tile (W a multiple of 4 and not), C_out past one channel
-# chunk and not a multiple of 8, C_in taking one, two and three mma steps.
+# channels, C_in in mma steps of 8, rows copied 16 bytes at a time when W % 4 == 0 for fp32 and
+# W % 8 == 0 for half types). These cases cross every edge: H and W past one tile (W a multiple
+# of 8, of 4 only, and neither), C_out past one channel chunk and not a multiple of 8, C_in
+# taking one, two and three mma steps.
 TILE_EDGES = [
     Case(batch=2, in_channels=16, out_channels=32, spatial=(2, 9, 36)),
+    Case(batch=2, in_channels=12, out_channels=20, spatial=(3, 9, 40)),
     Case(batch=1, in_channels=20, out_channels=40, spatial=(2, 10, 33)),
     Case(batch=1, in_channels=5, out_channels=36, spatial=(3, 17, 3)),
 ]
+TILE_EDGE_DTYPES = {"tf32": torch.float32, "ieee": torch.float32, "bfloat16": torch.bfloat16,
+                    "float16": torch.float16}
 
 
-@pytest.mark.parametrize("precision", ["tf32", "ieee", "bfloat16"])
+@pytest.mark.parametrize("precision", list(TILE_EDGE_DTYPES))
 @pytest.mark.parametrize("case", TILE_EDGES, ids=[c.label() for c in TILE_EDGES])
 def test_tile_edges(backend_name, device, generator, case, precision):
-    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+    dtype = TILE_EDGE_DTYPES[precision]
     inputs = make_inputs(case, dtype, device, generator)
     check_against_oracle(backend_name, inputs, generator, allow_tf32=precision != "ieee")
 

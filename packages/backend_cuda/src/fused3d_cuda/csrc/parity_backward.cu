@@ -291,6 +291,18 @@ __device__ __forceinline__ float settled_dz(const ChannelDz& ch, DzSums& sums, f
   return dz;
 }
 
+// Four consecutive elements as fp32, read once (streamed past L2). p: 4-element aligned.
+template <typename T>
+__device__ __forceinline__ float4 load4_streaming(const T* p) {
+  if constexpr (std::is_same<T, float>::value) {
+    return __ldcs(reinterpret_cast<const float4*>(p));
+  } else {
+    const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p));
+    return make_float4(widen<T>((uint16_t)(v.x & 0xffffu)), widen<T>((uint16_t)(v.x >> 16)),
+                       widen<T>((uint16_t)(v.y & 0xffffu)), widen<T>((uint16_t)(v.y >> 16)));
+  }
+}
+
 // The packed dz of one element (pooled position p of image n, channel co, winning class cls).
 template <typename T>
 __device__ __forceinline__ float dz_element(const T* __restrict__ x, const T* __restrict__ w,
@@ -329,12 +341,12 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
   const int co = blockIdx.y;
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   const int spatial = D * H * W;  // < 2^31 (parity_backward_supported)
-  // fp32 rows of a multiple of 4 go 4 elements per thread (16-byte loads and stores).
-  bool quads = false;
-  if constexpr (std::is_same<T, float>::value)
-    quads = spatial % 4 == 0 &&
-            ((reinterpret_cast<uintptr_t>(grad_y) | reinterpret_cast<uintptr_t>(y)) & 15) == 0 &&
-            (reinterpret_cast<uintptr_t>(window_index) & 3) == 0;
+  // Rows of a multiple of 4 go 4 elements per thread (4-element loads, 16-byte stores).
+  const bool quads =
+      spatial % 4 == 0 &&
+      ((reinterpret_cast<uintptr_t>(grad_y) | reinterpret_cast<uintptr_t>(y)) &
+       (4 * sizeof(T) - 1)) == 0 &&
+      (reinterpret_cast<uintptr_t>(window_index) & 3) == 0;
   const int unit = quads ? 4 : 1, units = spatial / unit;
   const int per_slice = (units + gridDim.x - 1) / gridDim.x;  // 32-bit: no division call
   const int begin = unit * (int)min((int64_t)per_slice * blockIdx.x, (int64_t)units);
@@ -344,34 +356,32 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
   DzSums sums{0.f, 0.f, 0.f};
   for (int64_t n = 0; n < s.batch; ++n) {
     const int64_t base = (n * s.out_channels + co) * spatial;
-    if constexpr (std::is_same<T, float>::value) {
-      if (quads) {
+    if (quads) {
 #pragma unroll 2
-        for (int p = begin + 4 * (int)threadIdx.x; p < end; p += 4 * kThreadsDz) {
-          const int64_t off = base + p;
-          // Read once: streamed past L2 so that the packed dz the next kernels read stays.
-          const float4 g4 = __ldcs(reinterpret_cast<const float4*>(grad_y + off));
-          const float4 y4 = __ldcs(reinterpret_cast<const float4*>(y + off));
-          const uint32_t classes =
-              __ldcs(reinterpret_cast<const unsigned int*>(window_index + off));
-          if (y_settles(ch, y4.x) && y_settles(ch, y4.y) && y_settles(ch, y4.z) &&
-              y_settles(ch, y4.w)) {
-            float4 dz4;
-            dz4.x = pack_dz(settled_dz(ch, sums, g4.x, y4.x), classes & 7u);
-            dz4.y = pack_dz(settled_dz(ch, sums, g4.y, y4.y), (classes >> 8) & 7u);
-            dz4.z = pack_dz(settled_dz(ch, sums, g4.z, y4.z), (classes >> 16) & 7u);
-            dz4.w = pack_dz(settled_dz(ch, sums, g4.w, y4.w), (classes >> 24) & 7u);
-            *reinterpret_cast<float4*>(packed_dz + off) = dz4;
-          } else {  // rare: one element at a time (one copy of the recompute path)
+      for (int p = begin + 4 * (int)threadIdx.x; p < end; p += 4 * kThreadsDz) {
+        const int64_t off = base + p;
+        // Read once: streamed past L2 so that the packed dz the next kernels read stays.
+        const float4 g4 = load4_streaming(grad_y + off);
+        const float4 y4 = load4_streaming(y + off);
+        const uint32_t classes =
+            __ldcs(reinterpret_cast<const unsigned int*>(window_index + off));
+        if (y_settles(ch, y4.x) && y_settles(ch, y4.y) && y_settles(ch, y4.z) &&
+            y_settles(ch, y4.w)) {
+          float4 dz4;
+          dz4.x = pack_dz(settled_dz(ch, sums, g4.x, y4.x), classes & 7u);
+          dz4.y = pack_dz(settled_dz(ch, sums, g4.y, y4.y), (classes >> 8) & 7u);
+          dz4.z = pack_dz(settled_dz(ch, sums, g4.z, y4.z), (classes >> 16) & 7u);
+          dz4.w = pack_dz(settled_dz(ch, sums, g4.w, y4.w), (classes >> 24) & 7u);
+          *reinterpret_cast<float4*>(packed_dz + off) = dz4;
+        } else {  // rare: one element at a time (one copy of the recompute path)
 #pragma unroll 1
-            for (int q = 0; q < 4; ++q)
-              packed_dz[off + q] = dz_element(x, w, bias, s, ch, sums, n, co, p + q,
-                                              (classes >> (8 * q)) & 7u, grad_y[off + q],
-                                              y[off + q]);
-          }
+          for (int q = 0; q < 4; ++q)
+            packed_dz[off + q] = dz_element(x, w, bias, s, ch, sums, n, co, p + q,
+                                            (classes >> (8 * q)) & 7u,
+                                            to_acc(grad_y[off + q]), to_acc(y[off + q]));
         }
-        continue;
       }
+      continue;
     }
 #pragma unroll 4
     for (int p = begin + (int)threadIdx.x; p < end; p += kThreadsDz) {
@@ -587,6 +597,12 @@ static_assert(pair_sets_cover_all_taps(make_pair_sets()), "27 pairs in 8 sets of
 
 static __constant__ PairSets kPairSets = make_pair_sets();
 
+// The dweight kernel stages half-type x as raw tiles (they fit beside its other tiles).
+template <typename T>
+__host__ __device__ constexpr bool grad_weight_raw_x() {
+  return sizeof(T) == 2;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     const T* __restrict__ x, const float* __restrict__ packed_dz,
@@ -597,6 +613,9 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
   const int xs_size = kMaxCin * kXStrideT;
   float* dz_base = xs_base + 2 * xs_size;  // 2 x [cop][kDzStrideT]
   const int dz_size = kMaxCout * kDzStrideT;  // rows >= cop stay zero
+  // Half types: 2 raw x tiles after the dz tiles (see issue_x_tile), 16-byte aligned.
+  constexpr int raw_size = grad_weight_raw_x<T>() ? raw_x_tile_values(kMaxCin) : 0;
+  uint16_t* raw_base = raw_size ? reinterpret_cast<uint16_t*>(dz_base + 2 * dz_size) : nullptr;
   const int lane = threadIdx.x & 31;
   // 16 warps: warp & 7 picks the pair set, warp >> 3 the half of the K steps it sums.
   const int warp = (threadIdx.x >> 5) & 7, half = threadIdx.x >> 8;
@@ -616,7 +635,8 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
 
   auto issue = [&](int tile_index, int buffer) {
     const TileCoord c = decode_tile(tile_index, s.in_size[0], geo.h_tiles, geo.w_tiles);
-    issue_x_tile<T>(xs_base + buffer * xs_size, x, s, c, cip, kXStrideT);
+    issue_x_tile<T>(xs_base + buffer * xs_size, x, s, c, cip, kXStrideT,
+                    raw_base ? raw_base + buffer * raw_size : nullptr);
     float* dzs = dz_base + buffer * dz_size;
     const int H = s.in_size[1], W = s.in_size[2];
     if (W % 4 == 0) {  // 16-byte copies, as the dx kernel's halo (each chunk wholly in or out)
@@ -675,7 +695,8 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     } else {
       cp_async_wait<0>();
     }
-    settle_x_tile_tf32<T>(xs_base + (it & 1) * xs_size, cip, kXStrideT);
+    settle_x_tile_tf32<T>(xs_base + (it & 1) * xs_size, cip, kXStrideT, x, &s,
+                          raw_base ? raw_base + (it & 1) * raw_size : nullptr);
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;
     const float* dzs = dz_base + (it & 1) * dz_size;
@@ -819,8 +840,9 @@ inline size_t winner_smem() {
 inline size_t grad_x_smem(const BackwardGeometry& g) {
   return sizeof(float) * ((size_t)kTaps * g.co_padded * 16 + 2 * (size_t)g.co_padded * kXStride);
 }
-inline size_t grad_weight_smem(const BackwardGeometry& g) {
-  return sizeof(float) * (2 * (size_t)kMaxCin * kXStrideT + 2 * (size_t)kMaxCout * kDzStrideT);
+inline size_t grad_weight_smem(const BackwardGeometry& g, bool raw_x) {
+  return sizeof(float) * (2 * (size_t)kMaxCin * kXStrideT + 2 * (size_t)kMaxCout * kDzStrideT) +
+         (raw_x ? 2 * sizeof(uint16_t) * raw_x_tile_values(kMaxCin) : 0);
 }
 
 // The backward walks the batch in chunks so that its dz scratch stays near 8 MiB (partials
@@ -899,7 +921,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
     auto grad_x_kernel = grad_x_kernel_for<T>(geo.co_padded);
     auto grad_w_kernel = parity_grad_weight_kernel<T>;
     const size_t smem = winner_smem(), smem_x = grad_x_smem(geo),
-                 smem_w = grad_weight_smem(geo);
+                 smem_w = grad_weight_smem(geo, grad_weight_raw_x<T>());
     if ((e = raise_smem_limit(reinterpret_cast<const void*>(winner), smem)) != cudaSuccess ||
         (e = raise_smem_limit(reinterpret_cast<const void*>(grad_x_kernel), smem_x)) !=
             cudaSuccess ||

@@ -168,16 +168,111 @@ __device__ __forceinline__ void issue_x_tile_chunks(float* xs, const float* x, c
   }
 }
 
+// Half types (fp16, bf16): x rows staged as their raw 16-bit values by 16-byte copies into a
+// raw tile ([ci][kHaloD * kHaloH rows][kRawRow] values), then widened to fp32 in shared memory
+// (widen_raw_x_tile), so the copies overlap the previous tile's math as fp32's do. A raw row
+// holds the 32 values of four 16-byte copies and the 33rd from a 4-byte copy that reads only
+// its 2 source bytes. Needs W % 8 == 0 and a 16-byte aligned x (raw_x_copies).
+constexpr int kRawRow = 40;
+__host__ __device__ constexpr int raw_x_tile_values(int ci_padded) {
+  return ci_padded * kHaloD * kHaloH * kRawRow;
+}
+
+template <typename T>
+__device__ __forceinline__ bool raw_x_copies(const T* x, const BlockShape& s) {
+  return sizeof(T) == 2 && s.in_size[2] % 8 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+}
+
+// 4-byte copy of `bytes` (0, 2 or 4) source bytes; the rest of the destination is zeroed.
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, int bytes) {
+  const unsigned dst_addr = (unsigned)__cvta_generic_to_shared(dst);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst_addr), "l"(src),
+               "r"(bytes));
+}
+
+template <typename T>
+__device__ __forceinline__ void issue_raw_x_tile(uint16_t* raw, const T* x, const BlockShape& s,
+                                                 TileCoord c, int ci_padded) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int64_t spatial = (int64_t)D * H * W;
+  const T* x_n = x + (int64_t)c.n * s.in_channels * spatial;
+  constexpr int kChunks = kTileW / 8, kRows = kHaloD * kHaloH;
+  const int rows = ci_padded * kRows;
+  // Row `row` of the tile (channel ci, depth dd, height hh) at w = iw; null outside x.
+  auto source = [&](int row, int iw) -> const T* {
+    const int ci = row / kRows, rest = row - ci * kRows;
+    const int dd = rest >= kHaloH, hh = rest - dd * kHaloH;
+    const int id = c.d + dd, ih = c.h0 + hh;
+    const bool inside = ci < s.in_channels && id < D && ih < H && iw < W;
+    return inside ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : nullptr;
+  };
+  const int chunk = threadIdx.x % kChunks, iw = c.w0 + chunk * 8;
+#pragma unroll 1
+  for (int row = threadIdx.x / kChunks; row < rows; row += blockDim.x / kChunks) {
+    const T* src = source(row, iw);  // W % 8 == 0: a chunk is all inside or all outside
+    cp_async_16(reinterpret_cast<float*>(raw + row * kRawRow + chunk * 8),
+                reinterpret_cast<const float*>(src ? src : x), src ? 16 : 0);
+  }
+#pragma unroll 1
+  for (int row = threadIdx.x; row < rows; row += blockDim.x) {
+    const T* src = source(row, c.w0 + kTileW);
+    cp_async_4(raw + row * kRawRow + kTileW, src ? src : x, src ? 2 : 0);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float widen(uint16_t bits) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __uint_as_float((uint32_t)bits << 16);
+  } else {
+    return __half2float(__ushort_as_half(bits));
+  }
+}
+
+// The raw tile as fp32 [ci][halo] with channel stride `stride` (values 0..32 of each row).
+template <typename T>
+__device__ __forceinline__ void widen_raw_x_tile(float* xs, const uint16_t* raw, int ci_padded,
+                                                 int stride) {
+  constexpr int kRows = kHaloD * kHaloH, kPieces = kTileW / 8 + 1;
+  for (int e = threadIdx.x; e < ci_padded * kRows * kPieces; e += blockDim.x) {
+    const int row = e / kPieces, piece = e - row * kPieces;
+    const int ci = row / kRows, rest = row - ci * kRows;
+    float* dst = xs + ci * stride + rest * kHaloRow + piece * 8;
+    const uint16_t* src = raw + row * kRawRow + piece * 8;
+    if (piece < kPieces - 1) {
+      const uint4 v = *reinterpret_cast<const uint4*>(src);
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+      float f[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        f[2 * i] = widen<T>((uint16_t)(words[i] & 0xffffu));
+        f[2 * i + 1] = widen<T>((uint16_t)(words[i] >> 16));
+      }
+      reinterpret_cast<float4*>(dst)[0] = make_float4(f[0], f[1], f[2], f[3]);
+      reinterpret_cast<float4*>(dst)[1] = make_float4(f[4], f[5], f[6], f[7]);
+    } else {
+      dst[0] = widen<T>(src[0]);
+    }
+  }
+}
+
 // Stage x[n, :, d..d+1, h0..h0+8, w0..w0+32] (zero outside the input) as [ci][halo] floats with
 // channel stride `stride`: fp32 through cp.async (asynchronous; 16-byte copies where x's rows
-// are aligned), other types converted inline.
+// are aligned); half types into the raw tile `raw` where given and raw_x_copies allows
+// (asynchronous; settle_x_tile widens them), otherwise converted inline.
 template <typename T>
 __device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockShape& s,
-                                             TileCoord c, int ci_padded, int stride = kXStride) {
+                                             TileCoord c, int ci_padded, int stride = kXStride,
+                                             uint16_t* raw = nullptr) {
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   if constexpr (std::is_same<T, float>::value) {
     if (W % 4 == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
       issue_x_tile_chunks(xs, x, s, c, ci_padded, stride);
+      return;
+    }
+  } else {
+    if (raw != nullptr && raw_x_copies(x, s)) {
+      issue_raw_x_tile(raw, x, s, c, ci_padded);
       return;
     }
   }
@@ -222,11 +317,15 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 
 
 // Make a staged x tile ([ci_padded][stride] floats, stride a multiple of 4) visible to the
-// whole block and, for fp32 input (the tensor-core kernels), round it to TF32 in place so the
-// mma loops read ready operands. Call after cp_async_wait; the caller's next __syncthreads
-// publishes the rounded values (rounding reads values other threads copied, hence the first).
+// whole block and ready for the mma loops: fp32 input rounded to TF32 in place, half types'
+// raw tile (when `raw` was used, see issue_x_tile) widened into it. Call after cp_async_wait;
+// the caller's next __syncthreads publishes the result (the first barrier here is because
+// each thread reads values other threads copied).
 template <typename T>
-__device__ __forceinline__ void settle_x_tile_tf32(float* xs, int ci_padded, int stride) {
+__device__ __forceinline__ void settle_x_tile_tf32(float* xs, int ci_padded, int stride,
+                                                   const T* x = nullptr,
+                                                   const BlockShape* s = nullptr,
+                                                   const uint16_t* raw = nullptr) {
   if constexpr (std::is_same<T, float>::value) {
     __syncthreads();
     float4* v = reinterpret_cast<float4*>(xs);
@@ -234,18 +333,28 @@ __device__ __forceinline__ void settle_x_tile_tf32(float* xs, int ci_padded, int
       const float4 a = v[e];
       v[e] = make_float4(to_tf32(a.x), to_tf32(a.y), to_tf32(a.z), to_tf32(a.w));
     }
+  } else {
+    if (raw != nullptr && raw_x_copies(x, *s)) {
+      __syncthreads();
+      widen_raw_x_tile<T>(xs, raw, ci_padded, stride);
+    }
   }
 }
 
 // One step of a persistent loop over double-buffered x tiles: copy tile `next` (if there is
-// one) into the other buffer, then wait for the copies of tile `it`, issued a step earlier.
+// one) into the other buffer (and raw tile, for half types, when raw_base is given), then wait
+// for the copies of tile `it`, issued a step earlier.
 template <typename T>
 __device__ __forceinline__ void prefetch_next_x_tile(float* xs_base, int xs_size, int it, int next,
                                                      int tiles, int h_tiles, int w_tiles,
-                                                     const T* x, const BlockShape& s, int cip) {
+                                                     const T* x, const BlockShape& s, int cip,
+                                                     uint16_t* raw_base = nullptr,
+                                                     int raw_size = 0) {
   if (next < tiles) {
-    issue_x_tile<T>(xs_base + ((it + 1) & 1) * xs_size, x, s,
-                    decode_tile(next, s.in_size[0], h_tiles, w_tiles), cip);
+    const int buffer = (it + 1) & 1;
+    issue_x_tile<T>(xs_base + buffer * xs_size, x, s,
+                    decode_tile(next, s.in_size[0], h_tiles, w_tiles), cip, kXStride,
+                    raw_base ? raw_base + buffer * raw_size : nullptr);
     cp_async_commit();
     cp_async_wait<1>();
   } else {

@@ -32,13 +32,16 @@ constexpr int kTaps = 27;
 // arrives with its bias; leaky(m * leaky(t)) is linear on each side of t = 0, so it is
 // t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
 // slope (one rounding instead of three; NaN and infinities propagate the same way).
-// best starts at -inf and the window index at 0: `best < v or isnan(v)` then takes class 0
-// unless it is -inf, which leaves index 0 as PyTorch does. Window indices travel packed, one
-// byte per window (4 per word, byte `slot`); a take writes the class into its byte.
+// Class 0 opens each window (kOpens): its value is the maximum so far and the index stays 0,
+// whatever the value (-inf included, as PyTorch leaves index 0 then). Window indices travel
+// packed, one byte per window (4 per word, byte `slot`); a take writes the class into its byte.
+template <bool kOpens>
 __device__ __forceinline__ void fold_into_pool(float t, float c_pos, float c_neg, uint32_t cls,
                                                int slot, float& best, uint32_t& windows) {
   const float v = t * (t > 0.f ? c_pos : c_neg);
-  if (pool_takes(best, v)) {
+  if (kOpens) {
+    best = v;
+  } else if (pool_takes(best, v)) {
     best = v;
     windows = (windows & ~(0xffu << (8 * slot))) | (cls << (8 * slot));
   }
@@ -87,7 +90,8 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
                                                   const BlockShape& s, TileCoord c) {
   constexpr int MT = kWarpTilesTc;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int hl = warp >> 1, row0 = (warp & 1) * 16;
+  constexpr int kWarpsPerLine = kTileW / (16 * MT);
+  const int hl = warp / kWarpsPerLine, row0 = (warp % kWarpsPerLine) * 16 * MT;
   const int g = lane >> 2, t = lane & 3;
   float best[MT][4][4];
   uint32_t windows[MT][4];  // byte r: the window index of value r
@@ -99,7 +103,10 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 #pragma unroll
       for (int r = 0; r < 4; ++r) best[mt][nt][r] = -INFINITY;
     }
-#pragma unroll 1  // class loop kept rolled: unrolled, the kernel overflows the instruction cache
+  // (The SASS holds one copy of this loop's body per class whatever the pragma says, which
+  // measured faster than a rolled loop; a separate class-0 step, as in the FFMA kernel, kept
+  // the loop rolled and cost 11%.)
+#pragma unroll 1
   for (int cls = 0; cls < 8; ++cls) {
     float acc[MT][4][4];
     accumulate_class_tf32<MT, KSTEPS, KSTEPS == 2>(acc, cls, xs, ws4, hl, row0, lane, bias_s);
@@ -110,8 +117,8 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int col = nt * 8 + 2 * t + (r & 1);
-          fold_into_pool(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col], cls, r,
-                         best[mt][nt][r], windows[mt][nt]);
+          fold_into_pool<false>(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col], cls, r,
+                                best[mt][nt][r], windows[mt][nt]);
         }
   }
   // Value r of n-tile nt: channel co_first + nt * 8 + (r & 1), w = w_first + 8 * (r >> 1).
@@ -180,13 +187,21 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
       for (int ci = o == 0 ? 1 : 0; ci < ci_padded; ++ci)
         ffma_step<false>(acc, xa, wa, ci, nullptr);
     }
+    auto fold_class = [&](auto opens) {
 #pragma unroll
-    for (int cc = 0; cc < 8; ++cc) {
-      const int col = cg * 8 + cc;
+      for (int cc = 0; cc < 8; ++cc) {
+        const int col = cg * 8 + cc;
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
-        fold_into_pool(acc[j][cc], slopes_s[col], slopes_s[kCoTile + col], cls, j, best[j][cc],
-                       windows[cc]);
+        for (int j = 0; j < 4; ++j)
+          fold_into_pool<decltype(opens)::value>(acc[j][cc], slopes_s[col],
+                                                 slopes_s[kCoTile + col], cls, j, best[j][cc],
+                                                 windows[cc]);
+      }
+    };
+    if (cls == 0) {
+      fold_class(std::true_type{});
+    } else {
+      fold_class(std::false_type{});
     }
   }
   // The thread's 4 w positions are consecutive: where W % 4 == 0 they are 16 aligned bytes of y
@@ -227,6 +242,12 @@ __host__ __device__ constexpr int x_buffers() {
   return kTensorCores ? 2 : 1;
 }
 
+// Half types stage raw x tiles where the shared memory has room for two (C_in <= 16).
+template <typename T, bool kTensorCores, int KSTEPS>
+__host__ __device__ constexpr bool kRawStaging() {
+  return kTensorCores && sizeof(T) == 2 && KSTEPS <= 2;
+}
+
 // KSTEPS: C_in / 8 rounded up, fixed at compile time (the tensor-core kernel's mma loops and
 // the FFMA kernel's channel loops then have known trip counts).
 template <typename T, bool kTensorCores, int KSTEPS>
@@ -244,13 +265,16 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
   const int xs_size = cip * kXStride;
   float* bias_s = xs_base + kBuffers * xs_size;
   float* slopes_s = bias_s + kCoTile;  // [c_pos x 32][c_neg x 32]
+  // Half types: raw x tiles, one per x buffer (see issue_x_tile), 16-byte aligned.
+  constexpr int raw_size = kRawStaging<T, kTensorCores, KSTEPS>() ? raw_x_tile_values(cip) : 0;
+  uint16_t* raw_base = raw_size ? reinterpret_cast<uint16_t*>(slopes_s + 2 * kCoTile) : nullptr;
   const int co0 = blockIdx.y * kCoTile;
   if ((int)blockIdx.x >= geo.tiles) return;
 
   // Prefetch the first x tile, then stage the weight slice while it flies.
   int tile = blockIdx.x;
   issue_x_tile<T>(xs_base, x, s, decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles),
-                  cip);
+                  cip, kXStride, raw_base);
   cp_async_commit();
 
   if constexpr (kTensorCores) {
@@ -284,7 +308,7 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
     float* xs = xs_base + (it % kBuffers) * xs_size;
     if constexpr (kBuffers == 2) {  // fetch the next tile into the other buffer meanwhile
       prefetch_next_x_tile<T>(xs_base, xs_size, it, tile + gridDim.x, geo.tiles, geo.h_tiles,
-                              geo.w_tiles, x, s, cip);
+                              geo.w_tiles, x, s, cip, raw_base, raw_size);
     } else {  // one buffer: this tile is fetched once the previous one is done with it
       if (it > 0) {
         issue_x_tile<T>(xs, x, s, c, cip);
@@ -292,7 +316,10 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
       }
       cp_async_wait<0>();
     }
-    if constexpr (kTensorCores) settle_x_tile_tf32<T>(xs, cip, kXStride);
+    if constexpr (kTensorCores) {
+      settle_x_tile_tf32<T>(xs, cip, kXStride, x, &s,
+                            raw_base ? raw_base + (it % kBuffers) * raw_size : nullptr);
+    }
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
     if constexpr (kTensorCores) {
       tile_compute_tf32<T, KSTEPS>(xs, smem4, bias_s, slopes_s, y, window_index, s, c);
@@ -306,11 +333,13 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
 
 inline int ci_padded_of(const BlockShape& s) { return (s.in_channels + 7) / 8 * 8; }
 
-inline size_t forward_smem_bytes(const BlockShape& s, bool tensor_cores) {
+// raw_staging: kRawStaging of the kernel (two raw x tiles of 16-bit values after the rest).
+inline size_t forward_smem_bytes(const BlockShape& s, bool tensor_cores, bool raw_staging) {
   const int cip = ci_padded_of(s);
   const size_t buffers = tensor_cores ? x_buffers<true>() : x_buffers<false>();
   return sizeof(float) *
-         ((size_t)kTaps * cip * kCoTile + buffers * cip * kXStride + 3 * kCoTile);
+             ((size_t)kTaps * cip * kCoTile + buffers * cip * kXStride + 3 * kCoTile) +
+         (raw_staging ? buffers * sizeof(uint16_t) * raw_x_tile_values(cip) : 0);
 }
 
 template <typename T, bool kTensorCores, int KSTEPS>
@@ -322,7 +351,8 @@ cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t
   const int64_t tiles = s.batch * s.in_size[0] * (int64_t)geo.h_tiles * geo.w_tiles;
   geo.tiles = (int)tiles;
   if (tiles == 0 || s.out_channels == 0) return cudaSuccess;
-  const size_t smem = forward_smem_bytes(s, kTensorCores);
+  const size_t smem =
+      forward_smem_bytes(s, kTensorCores, kRawStaging<T, kTensorCores, KSTEPS>());
   const int threads = kTensorCores ? kThreadsTc : kThreadsFfma;
   auto kernel = parity_forward_kernel<T, kTensorCores, KSTEPS>;
   cudaError_t e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem);
@@ -368,7 +398,8 @@ bool parity_forward_supported(const BlockShape& s, DType dtype, bool allow_tf32)
                         ((s.in_size[2] + parity::kTileW - 1) / parity::kTileW);
   if (tiles >= (1LL << 31) || s.out_channels > 65535 * parity::kCoTile) return false;
   const bool tensor_cores = dtype != DType::Float32 || allow_tf32;
-  return parity::forward_smem_bytes(s, tensor_cores) <= 227 * 1024;
+  const bool raw_staging = dtype != DType::Float32 && parity::ci_padded_of(s) <= 16;
+  return parity::forward_smem_bytes(s, tensor_cores, raw_staging) <= 227 * 1024;
 }
 
 cudaError_t launch_parity_forward(const BlockShape& s, DType dtype, bool allow_tf32,
