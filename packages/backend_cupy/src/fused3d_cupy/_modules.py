@@ -33,6 +33,9 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
         *(f"any_nonfinite<{t}>" for t, _ in _HALF_TYPES),
     ),
     "parity_forward.cu": (
+        "parity_forward_ffma<1>",
+        "parity_forward_ffma<2>",
+        "parity_forward_ffma<3>",
         "parity_tf32<1, false>",
         "parity_tf32<2, false>",
         "parity_tf32<1, true>",

@@ -54,12 +54,16 @@ ARGUMENT_MODE = os.environ.get("FUSED3D_CUPY_ARGUMENTS", "pointer")
 _THREADS = 256
 #: The TF32 fast path keeps every input channel's weights in registers: C_in <= 16.
 TF32_MAX_IN_CHANNELS = 16
+#: The IEEE fp32 fast path (parity_forward_ffma) stages a block's weights in shared memory,
+#: 27 taps x C_in padded to 8 x 32 channels: C_in <= 24 (two blocks per SM up to 16).
+FFMA_MAX_IN_CHANNELS = 24
 #: Its dx kernel stages grad_z of all output channels in shared memory: C_out <= 64.
 TF32_MAX_OUT_CHANNELS_BACKWARD = 64
 
 # Parameter lists of the kernels (struct codes: P pointer, i int, d double), in source order.
 _SIG_TF32 = "10P 8i d 5i"
 _SIG_EXACT = "6P 8i d 4i"
+_SIG_FFMA = "6P 8i d 3i"
 _SIG_GENERAL_FORWARD = "6P 20i d"
 _SIG_GENERAL_GRAD_Z = "9P 20i d"
 _SIG_GENERAL_ADJOINT = "4P 18i"
@@ -147,6 +151,15 @@ def uses_tf32_path(x: torch.Tensor, config: BlockConfig, allow_tf32: bool) -> bo
     )
 
 
+def uses_ffma_path(x: torch.Tensor, config: BlockConfig, allow_tf32: bool) -> bool:
+    return (
+        config.is_parity_fast_path
+        and x.dtype == torch.float32
+        and not allow_tf32
+        and x.shape[1] <= FFMA_MAX_IN_CHANNELS
+    )
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -186,6 +199,20 @@ def _forward_plan(x, weight, bias, multiplier, stride, padding, output_padding, 
             plan.head = (0, 0, 0, 0)  # grad_y, grad_z, partials: backward-only
             plan.tail = (n, c_in, c_out, d, h, w, *flags, *tiles, *_tf32_staging())
             plan.shared = _tf32_shared(plan.kernel, ksteps)
+        elif uses_ffma_path(x, config, allow_tf32) and _ffma_tiles(x.shape)[0] < 2**30:
+            ksteps = math.ceil(c_in / 8)
+            plan.kernel = _kernel("parity_forward.cu", f"parity_forward_ffma<{ksteps}>", index,
+                                  _SIG_FFMA)
+            tiles, tiles_h, tiles_w = _ffma_tiles(x.shape)
+            plan.shared = _ffma_shared(plan.kernel, ksteps)
+            # Persistent: the resident blocks (two per SM where the shared memory allows),
+            # spread over the 32-channel chunks.
+            per_sm = 2 if 2 * plan.shared <= _SM_SHARED_BYTES else 1
+            chunks = math.ceil(c_out / 32)
+            blocks = max(1, min(tiles, math.ceil(_sm_count(index) * per_sm / chunks)))
+            plan.grid = (blocks, chunks)
+            plan.block = 256
+            plan.tail = (n, c_in, c_out, d, h, w, *flags, tiles, tiles_h, tiles_w)
         elif config.is_parity_fast_path:
             channels = _EXACT_CHANNELS.get(x.dtype, 8)
             rows = EXACT_ROWS
@@ -480,6 +507,30 @@ def _tf32_shared(kernel: Kernel, ksteps: int) -> int:
     buffers = 2 if (ASYNC_STAGING and PIPELINE) else 1
     shared = buffers * 8 * ksteps * channel_stride * 4
     if shared > 48 * 1024 and (id(kernel), shared) not in _raised_shared:
+        kernel.raw.max_dynamic_shared_size_bytes = shared
+        _raised_shared.add((id(kernel), shared))
+    return shared
+
+
+def _ffma_tiles(x_shape) -> tuple[int, int, int]:
+    """(tiles, tiles along h, tiles along w) of parity_forward_ffma: 8 x 32 pooled positions
+    of one depth of one image each (its int tile counter bounds the total)."""
+    n, _, d, h, w = x_shape
+    tiles_h, tiles_w = math.ceil(h / 8), math.ceil(w / 32)
+    return n * d * tiles_h * tiles_w, tiles_h, tiles_w
+
+
+#: Shared memory of one SM for resident blocks (H100: 228 KB, 1 KB of it reserved per block).
+_SM_SHARED_BYTES = 226 * 1024
+
+
+def _ffma_shared(kernel: Kernel, ksteps: int) -> int:
+    """Dynamic shared memory of parity_forward_ffma (ffma_tile in parity_forward.cu): weights
+    27 x C_in padded x 32, one x tile of 2 x 9 rows of 36 per channel, bias and two slopes per
+    channel, in floats; raises the kernel's limit above the default 48 KB."""
+    ci_padded = 8 * ksteps
+    shared = 4 * (27 * ci_padded * 32 + ci_padded * 2 * 9 * 36 + 3 * 32)
+    if (id(kernel), shared) not in _raised_shared:
         kernel.raw.max_dynamic_shared_size_bytes = shared
         _raised_shared.add((id(kernel), shared))
     return shared

@@ -383,6 +383,203 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     }
 }
 
+// ------------------------------------------------------------------ IEEE fp32 FFMA kernel
+// Same algorithm as fused3d-cuda's FFMA forward (its parity_forward.cu); this file's own
+// implementation. Persistent blocks of 8 warps, two per SM (one block's tile copies overlap the
+// other's arithmetic): a block stages the weights of its 32 output channels once, as
+// [tap][ci][channel], then walks tiles of 8 h-lines x 32 w pooled positions at one depth. The
+// x tile {tile, tile+1}^3 arrives by cp.async; warp = h-line, lane = 4 w positions x 8
+// channels, 32 accumulators in registers. The 8 classes run one after another, each folded
+// into a running max with PyTorch's rule, so nothing conv-sized leaves the registers.
+namespace ffma_tile {
+constexpr int TH = 8, TW = 32, THREADS = 256, CO = 32, TAPS = 27;
+constexpr int HALO_H = TH + 1, ROW = 36;  // a row: 33 values, rows 16-byte aligned
+constexpr int ROWS = 2 * HALO_H, HALO = ROWS * ROW;  // one channel: 2 depths x 9 rows
+}  // namespace ffma_tile
+
+// Compile-time flag for generic lambdas (no <type_traits> under NVRTC).
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
+template <int KSTEPS>
+__global__ void __launch_bounds__(ffma_tile::THREADS, 2) parity_forward_ffma(
+    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const float* __restrict__ multiplier, float* __restrict__ y,
+    unsigned char* __restrict__ window_index, int N, int Cin, int Cout, int D, int H, int W,
+    int multiplier_stride, int has_bias, double negative_slope, int tiles, int tiles_h,
+    int tiles_w) {
+    using namespace ffma_tile;
+    constexpr int CIP = 8 * KSTEPS;  // C_in padded to 8
+    extern __shared__ float4 smem4[];
+    float* ws = reinterpret_cast<float*>(smem4);  // [TAPS][CIP][CO]
+    float* xs = ws + TAPS * CIP * CO;              // [CIP][HALO]
+    float* bias_s = xs + CIP * HALO;               // [CO]
+    float* slopes_s = bias_s + CO;                 // [CO] for t > 0, then [CO] for t <= 0
+    const int co0 = blockIdx.y * CO;
+    const int lane = threadIdx.x & 31, line = threadIdx.x >> 5;
+    const int cg = lane & 3, wg = lane >> 2;
+    const long long spatial = (long long)D * H * W;
+    const bool chunks = W % 4 == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0;
+    // CIP as a run-time loop bound: with the trip count known, the unrolled channel loops
+    // spilled registers (as in fused3d-cuda's kernel).
+    const int ci_padded = (Cin + 7) / 8 * 8;
+
+    // Weights: a warp fills the 32 channels of its rows ci for every tap, 9 loads in flight.
+    for (int ci = line; ci < CIP; ci += THREADS / 32) {
+        const int co = co0 + lane;
+        const bool valid = ci < Cin && co < Cout;
+        const float* src = weight + ((long long)ci * Cout + co) * TAPS;
+#pragma unroll 9
+        for (int k = 0; k < TAPS; ++k) ws[(k * CIP + ci) * CO + lane] = valid ? src[k] : 0.f;
+    }
+    if (threadIdx.x < CO) {
+        const int co = co0 + threadIdx.x;
+        const bool valid = co < Cout;
+        bias_s[threadIdx.x] = valid && has_bias ? bias[co] : 0.f;
+        const float m = valid ? multiplier[co * multiplier_stride] : 0.f;
+        const float slope = float(negative_slope);
+        // leaky(m * leaky(t)) is linear on each side of t = 0: t * (t > 0 ? c_pos : c_neg),
+        // one rounding instead of three. t > 0: m t, kept when m > 0; t <= 0: m slope t, kept
+        // when m slope < 0.
+        slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
+        slopes_s[CO + threadIdx.x] = m * slope < 0.f ? m * slope : slope * (m * slope);
+    }
+
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW;
+        rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH;
+        rest /= tiles_h;
+        const int d = rest % D, n = rest / D;
+        const float* xn = x + (long long)n * Cin * spatial;
+        // x[n, :, d..d+1, h0..h0+8, w0..w0+32] as [ci][dd][hh][ww], zeros outside the input.
+        auto stage_row = [&](int row, int ww, float*& dst) -> const float* {
+            const int ci = row / ROWS, rest_row = row - ci * ROWS;
+            const int dd = rest_row >= HALO_H, hh = rest_row - dd * HALO_H;
+            dst = xs + ci * HALO + rest_row * ROW + ww;
+            const bool inside = ci < Cin && d + dd < D && h0 + hh < H && w0 + ww < W;
+            return inside ? xn + ci * spatial + ((long long)(d + dd) * H + h0 + hh) * W + w0 + ww
+                          : nullptr;
+        };
+        if (chunks) {  // 16-byte copies of each row's first 32 values, then the 33rd on its own
+            for (int row = threadIdx.x >> 3; row < CIP * ROWS; row += THREADS / 8) {
+                float* dst;
+                const float* src = stage_row(row, (threadIdx.x & 7) * 4, dst);
+                stage_async<16>(dst, src ? src : x, src != nullptr);
+            }
+            for (int row = threadIdx.x; row < CIP * ROWS; row += THREADS) {
+                float* dst;
+                const float* src = stage_row(row, TW, dst);
+                stage_async<4>(dst, src ? src : x, src != nullptr);
+            }
+        } else {
+            for (int e = threadIdx.x; e < CIP * ROWS * (TW + 1); e += THREADS) {
+                const int row = e / (TW + 1);
+                float* dst;
+                const float* src = stage_row(row, e - row * (TW + 1), dst);
+                stage_async<4>(dst, src ? src : x, src != nullptr);
+            }
+        }
+        stage_wait();
+        __syncthreads();  // the tile (and, on the first pass, the weights) visible to all
+
+        // Window indices travel packed: byte j of windows[cc] is w position j of channel cc.
+        float best[4][8];
+        unsigned int windows[8];
+#pragma unroll
+        for (int cc = 0; cc < 8; ++cc) windows[cc] = 0;
+#pragma unroll 1
+        for (int cls = 0; cls < 8; ++cls) {
+            float acc[4][8];
+#pragma unroll
+            for (int o = 0; o < 8; ++o) {
+                if (!class_uses_offset(cls, o)) continue;  // o = 0 is in every class: bias first
+                const float* xa = xs + (((o >> 2) & 1) * HALO_H + line + ((o >> 1) & 1)) * ROW +
+                                  wg * 4 + (o & 1);
+                const float4* wa =
+                    reinterpret_cast<const float4*>(ws + class_tap(cls, o) * CIP * CO) + cg * 2;
+                auto step = [&](int ci, auto from_bias) {
+                    float xv[4];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) xv[j] = xa[ci * HALO + j];
+                    const float4 w0v = wa[ci * (CO / 4)], w1v = wa[ci * (CO / 4) + 1];
+                    const float wv[8] = {w0v.x, w0v.y, w0v.z, w0v.w, w1v.x, w1v.y, w1v.z, w1v.w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+#pragma unroll
+                        for (int cc = 0; cc < 8; ++cc)
+                            acc[j][cc] = fmaf(xv[j], wv[cc],
+                                              decltype(from_bias)::value ? bias_s[cg * 8 + cc]
+                                                                         : acc[j][cc]);
+                };
+                if (o == 0) step(0, Flag<true>{});  // the class's first step starts from the bias
+#pragma unroll 4
+                for (int ci = o == 0 ? 1 : 0; ci < ci_padded; ++ci) step(ci, Flag<false>{});
+            }
+            // Class 0 opens each window: its value is the maximum so far, the index stays 0
+            // (also for -inf, as PyTorch leaves index 0 then).
+            auto fold = [&](auto opens) {
+#pragma unroll
+                for (int cc = 0; cc < 8; ++cc) {
+                    const int col = cg * 8 + cc;
+                    const float c_pos = slopes_s[col], c_neg = slopes_s[CO + col];
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const float t = acc[j][cc];
+                        const float v = t * (t > 0.f ? c_pos : c_neg);
+                        if (decltype(opens)::value) {
+                            best[j][cc] = v;
+                        } else if (pool_takes(best[j][cc], v)) {
+                            best[j][cc] = v;
+                            windows[cc] = (windows[cc] & ~(0xffu << (8 * j))) |
+                                          ((unsigned int)cls << (8 * j));
+                        }
+                    }
+                }
+            };
+            if (cls == 0) {
+                fold(Flag<true>{});
+            } else {
+                fold(Flag<false>{});
+            }
+        }
+
+        // Store: the thread's 4 w positions are consecutive, so where W % 4 == 0 a channel's
+        // values are one 16-byte store and its window indices one 4-byte store.
+        const int h = h0 + line, w_first = w0 + wg * 4, channels = Cout - co0 - cg * 8;
+        const long long base =
+            (((long long)n * Cout + co0 + cg * 8) * D + d) * H * (long long)W + (long long)h * W;
+        const bool vectors = W % 4 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
+                             (reinterpret_cast<unsigned long long>(window_index) & 3) == 0;
+        if (h < H) {
+#pragma unroll
+            for (int cc = 0; cc < 8; ++cc) {
+                if (cc >= channels) break;
+                const long long off = base + cc * spatial + w_first;
+                if (vectors) {
+                    if (w_first < W) {
+                        *reinterpret_cast<float4*>(y + off) =
+                            make_float4(best[0][cc], best[1][cc], best[2][cc], best[3][cc]);
+                        *reinterpret_cast<unsigned int*>(window_index + off) = windows[cc];
+                    }
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        if (w_first + j < W) {
+                            y[off + j] = best[j][cc];
+                            window_index[off + j] = (unsigned char)(windows[cc] >> (8 * j));
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();  // everyone is done with the tile before the next one is copied in
+    }
+}
+
 #ifndef __CUDACC_RTC__
 #define FUSED3D_INSTANTIATE_TF32(KSTEPS, GRAD)                                                \
     template __global__ void parity_tf32<KSTEPS, GRAD>(                                        \
@@ -405,4 +602,11 @@ FUSED3D_INSTANTIATE_EXACT(float, float, 8, 2)
 FUSED3D_INSTANTIATE_EXACT(double, double, 4, 2)
 FUSED3D_INSTANTIATE_EXACT(half_t, float, 8, 2)
 FUSED3D_INSTANTIATE_EXACT(bf16_t, float, 8, 2)
+#define FUSED3D_INSTANTIATE_FFMA(KSTEPS)                                                       \
+    template __global__ void parity_forward_ffma<KSTEPS>(                                      \
+        const float*, const float*, const float*, const float*, float*, unsigned char*, int,   \
+        int, int, int, int, int, int, int, double, int, int, int);
+FUSED3D_INSTANTIATE_FFMA(1)
+FUSED3D_INSTANTIATE_FFMA(2)
+FUSED3D_INSTANTIATE_FFMA(3)
 #endif
