@@ -2,7 +2,9 @@
 
 Errors are measured against a float64 oracle. Exact paths (float64, IEEE float32) are checked
 element-wise and tight; TF32 and half types normwise (``||out - ref|| / ||ref||``), since their
-per-element error follows the operand rounding, not the result's size.
+per-element error follows the operand rounding, not the result's size. A gradient element is
+a sum, and where its terms cancel no order of summation gets closer than the accumulator's
+rounding of their magnitudes: that much error is not counted (``CANCELLATION_FLOOR``).
 """
 
 from __future__ import annotations
