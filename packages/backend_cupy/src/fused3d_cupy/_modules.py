@@ -36,8 +36,8 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
         "parity_forward_ffma<1>",
         "parity_forward_ffma<2>",
         "parity_forward_ffma<3>",
-        "parity_tf32<1, false>",
-        "parity_tf32<2, false>",
+        "parity_forward_tc<1>",
+        "parity_forward_tc<2>",
         "parity_tf32<1, true>",
         "parity_tf32<2, true>",
         *(

@@ -34,14 +34,15 @@ _EXACT_CHANNELS = {torch.float64: 4}
 #: Depth rows of the exact parity kernel's tile (1: two blocks per SM overlap staging and
 #: arithmetic; 2: one block of 8 warps with less halo; same bits either way).
 EXACT_ROWS = int(os.environ.get("FUSED3D_CUPY_EXACT_ROWS", "2"))
-#: TF32 kernels: stage tiles with cp.async (all copies of a tile in flight at once) instead of
-#: load-then-store loops. Off by default: the raw copies reach the tensor cores truncated to
-#: TF32 instead of rounded, which measured about twice the gradient error (over the suite's
-#: TF32 tolerance at the benchmark size), for 35% less forward time.
+#: TF32 backward kernels: stage tiles with cp.async (all copies of a tile in flight at once)
+#: instead of load-then-store loops. Off by default: the raw copies reach the tensor cores
+#: truncated to TF32 instead of rounded, which measured about twice the gradient error (over
+#: the suite's TF32 tolerance at the benchmark size). (The forward, parity_forward_tc, always
+#: copies by cp.async and then rounds to TF32 in shared memory.)
 ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_ASYNC_STAGING", "0") == "1"
 #: Exact (IEEE fp32 / float64) kernel: cp.async staging copies the same values, so it is on.
 EXACT_ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_EXACT_ASYNC_STAGING", "1") == "1"
-#: With async staging, the TF32 forward / grad_z kernel double-buffers its x tiles: the next
+#: With async staging, the TF32 grad_z kernel (y not saved) double-buffers its x tiles: the next
 #: tile's copies fly while the current one is computed (twice the shared memory).
 PIPELINE = os.environ.get("FUSED3D_CUPY_PIPELINE", "1") == "1"
 #: The TF32 backward runs over batch chunks whose packed grad_z (pooled-sized, int32) is at most
@@ -63,7 +64,7 @@ TF32_MAX_OUT_CHANNELS_BACKWARD = 64
 # Parameter lists of the kernels (struct codes: P pointer, i int, d double), in source order.
 _SIG_TF32 = "10P 8i d 5i"
 _SIG_EXACT = "6P 8i d 4i"
-_SIG_FFMA = "6P 8i d 3i"
+_SIG_PERSISTENT = "6P 8i d 3i"  # parity_forward_tc, parity_forward_ffma
 _SIG_GENERAL_FORWARD = "6P 20i d"
 _SIG_GENERAL_GRAD_Z = "9P 20i d"
 _SIG_GENERAL_ADJOINT = "4P 18i"
@@ -189,22 +190,23 @@ def _forward_plan(x, weight, bias, multiplier, stride, padding, output_padding, 
     plan.head = ()
     plan.shared = 0
     with _on_device(index):
-        if uses_tf32_path(x, config, allow_tf32):
+        if uses_tf32_path(x, config, allow_tf32) and _persistent_tiles(x.shape)[0] < 2**30:
             ksteps = 1 if c_in <= 8 else 2
-            plan.kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps}, false>", index,
-                                  _SIG_TF32)
-            tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
-            plan.grid = (min(n * math.prod(tiles), 2 * _sm_count(index)), math.ceil(c_out / 32))
-            plan.block = 128
-            plan.head = (0, 0, 0, 0)  # grad_y, grad_z, partials: backward-only
-            plan.tail = (n, c_in, c_out, d, h, w, *flags, *tiles, *_tf32_staging())
-            plan.shared = _tf32_shared(plan.kernel, ksteps)
-        elif uses_ffma_path(x, config, allow_tf32) and _ffma_tiles(x.shape)[0] < 2**30:
+            plan.kernel = _kernel("parity_forward.cu", f"parity_forward_tc<{ksteps}>", index,
+                                  _SIG_PERSISTENT)
+            tiles, tiles_h, tiles_w = _persistent_tiles(x.shape)
+            plan.shared = _persistent_shared(plan.kernel, _tc_shared_bytes(ksteps))
+            # Persistent: one block of 16 warps per SM, spread over the 32-channel chunks.
+            chunks = math.ceil(c_out / 32)
+            plan.grid = (max(1, min(tiles, math.ceil(_sm_count(index) / chunks))), chunks)
+            plan.block = 512
+            plan.tail = (n, c_in, c_out, d, h, w, *flags, tiles, tiles_h, tiles_w)
+        elif uses_ffma_path(x, config, allow_tf32) and _persistent_tiles(x.shape)[0] < 2**30:
             ksteps = math.ceil(c_in / 8)
             plan.kernel = _kernel("parity_forward.cu", f"parity_forward_ffma<{ksteps}>", index,
-                                  _SIG_FFMA)
-            tiles, tiles_h, tiles_w = _ffma_tiles(x.shape)
-            plan.shared = _ffma_shared(plan.kernel, ksteps)
+                                  _SIG_PERSISTENT)
+            tiles, tiles_h, tiles_w = _persistent_tiles(x.shape)
+            plan.shared = _persistent_shared(plan.kernel, _ffma_shared_bytes(ksteps))
             # Persistent: the resident blocks (two per SM where the shared memory allows),
             # spread over the 32-channel chunks.
             per_sm = 2 if 2 * plan.shared <= _SM_SHARED_BYTES else 1
@@ -512,9 +514,9 @@ def _tf32_shared(kernel: Kernel, ksteps: int) -> int:
     return shared
 
 
-def _ffma_tiles(x_shape) -> tuple[int, int, int]:
-    """(tiles, tiles along h, tiles along w) of parity_forward_ffma: 8 x 32 pooled positions
-    of one depth of one image each (its int tile counter bounds the total)."""
+def _persistent_tiles(x_shape) -> tuple[int, int, int]:
+    """(tiles, tiles along h, tiles along w) of parity_forward_tc / _ffma: 8 x 32 pooled
+    positions of one depth of one image each (their int tile counter bounds the total)."""
     n, _, d, h, w = x_shape
     tiles_h, tiles_w = math.ceil(h / 8), math.ceil(w / 32)
     return n * d * tiles_h * tiles_w, tiles_h, tiles_w
@@ -522,14 +524,24 @@ def _ffma_tiles(x_shape) -> tuple[int, int, int]:
 
 #: Shared memory of one SM for resident blocks (H100: 228 KB, 1 KB of it reserved per block).
 _SM_SHARED_BYTES = 226 * 1024
+#: Floats of one channel of an x tile (tc_tile::XS, ffma_tile::HALO): 2 x 9 rows of 36.
+_X_TILE_CHANNEL = 2 * 9 * 36
 
 
-def _ffma_shared(kernel: Kernel, ksteps: int) -> int:
-    """Dynamic shared memory of parity_forward_ffma (ffma_tile in parity_forward.cu): weights
-    27 x C_in padded x 32, one x tile of 2 x 9 rows of 36 per channel, bias and two slopes per
-    channel, in floats; raises the kernel's limit above the default 48 KB."""
+def _tc_shared_bytes(ksteps: int) -> int:
+    """parity_forward_tc: B fragments 27 x C_in padded x 32, two x tiles, bias and slopes."""
     ci_padded = 8 * ksteps
-    shared = 4 * (27 * ci_padded * 32 + ci_padded * 2 * 9 * 36 + 3 * 32)
+    return 4 * (27 * ci_padded * 32 + 2 * ci_padded * _X_TILE_CHANNEL + 3 * 32)
+
+
+def _ffma_shared_bytes(ksteps: int) -> int:
+    """parity_forward_ffma: weights 27 x C_in padded x 32, one x tile, bias and slopes."""
+    ci_padded = 8 * ksteps
+    return 4 * (27 * ci_padded * 32 + ci_padded * _X_TILE_CHANNEL + 3 * 32)
+
+
+def _persistent_shared(kernel: Kernel, shared: int) -> int:
+    """Raise the kernel's dynamic shared memory limit (default 48 KB) to ``shared`` bytes."""
     if (id(kernel), shared) not in _raised_shared:
         kernel.raw.max_dynamic_shared_size_bytes = shared
         _raised_shared.add((id(kernel), shared))

@@ -28,7 +28,10 @@ constexpr int MTILES = TD * TH * (TW / 16);
 }  // namespace tf32_tile
 
 //
-// GRAD = true is backward step 1 on the same arithmetic (so z is bit-identical to the forward's):
+// Only GRAD = true is instantiated now: GRAD = false, this kernel's own pooling forward, gave
+// way to parity_forward_tc below. GRAD = true is backward step 1 on
+// the forward's arithmetic (same products from the bias in the same order, so z is
+// bit-identical to parity_forward_tc's):
 // instead of pooling, each (position, channel) takes the class the forward chose (window_index),
 // writes grad_z there as a TF32 value with the class in its 3 low bits (TF32 leaves the low 13
 // mantissa bits zero; the dx/dweight kernels mask them off), and sums dbias / dmultiplier per
@@ -141,11 +144,13 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
         for (int mt = 0; mt < MTILES; ++mt) {
             const int ld = mt / (TH * 2), lh = (mt / 2) % TH, lw0 = (mt % 2) * 16;
             if (d0 + ld >= D || h0 + lh >= H || w0 + lw0 >= W) continue;  // warp-uniform
+            // Sums start from the bias: z comes out bit-identical to parity_forward_tc's (same
+            // products, same order), whose winners the GRAD pass routes.
             float acc[8][4];
 #pragma unroll
             for (int c = 0; c < 8; ++c)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) acc[c][r] = 0.0f;
+                for (int r = 0; r < 4; ++r) acc[c][r] = chan_bias[r & 1];
 
 #pragma unroll
             for (int a = 0; a < 8; ++a) {
@@ -187,7 +192,6 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
                         float z = acc[0][r];
 #pragma unroll
                         for (int c = 1; c < 8; ++c) z = (c == win) ? acc[c][r] : z;
-                        z += chan_bias[j];
                         const float m = chan_mult[j];
                         const float u = leaky(z, slope);
                         const float outer = grad_y[e] * leaky_slope(m * u, slope);
@@ -202,7 +206,7 @@ __global__ void __launch_bounds__(128, 2) parity_tf32(
                 int best_index = 0;
 #pragma unroll
                 for (int c = 0; c < 8; ++c) {
-                    const float v = activate(acc[c][r] + chan_bias[j], chan_mult[j], slope);
+                    const float v = activate(acc[c][r], chan_mult[j], slope);
                     if (c == 0 || pool_takes(best, v)) {
                         best = v;
                         best_index = c;
@@ -380,6 +384,275 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
                 window_index[e] = static_cast<unsigned char>(best_index);
             }
         }
+    }
+}
+
+// ------------------------------------------------------------------ TF32 persistent forward
+// Same algorithm as fused3d-cuda's tensor-core forward (its parity_forward.cu and
+// parity_common.cuh); this file's own implementation. One block of 16 warps per SM, persistent:
+// it stages the B fragments of its 32 output channels once, then walks tiles of 8 h-lines x
+// 32 w pooled positions of one depth, the next tile's x copies (cp.async) in flight while the
+// current one computes. Warp w owns 16 positions of h-line w / 2; the 8 classes run one after
+// another (K = the class's taps x C_in), each folded into a running max with PyTorch's rule,
+// so nothing conv-sized leaves the registers.
+namespace tc_tile {
+constexpr int TH = 8, TW = 32, THREADS = 512, CO = 32, TAPS = 27;
+constexpr int HALO_H = TH + 1, ROW = 36, ROWS = 2 * HALO_H, HALO = ROWS * ROW;
+// Channel stride of an x tile: == 8 (mod 16) words, so the 4 channel rows of an A fragment
+// (lanes t) fall in distinct bank octets.
+constexpr int XS = (HALO / 8) % 2 == 1 ? HALO : HALO + 8;
+static_assert(HALO % 8 == 0, "rows of 36 values");
+
+// The 27 taps in class order (offsets ascending within a class), each packed as its x halo
+// offset (low 16 bits) and weight tap (high bits).
+struct Taps {
+    int first[9];
+    int packed[27];
+};
+__host__ __device__ constexpr Taps make_taps() {
+    Taps taps{};
+    int n = 0;
+    for (int cls = 0; cls < 8; ++cls) {
+        taps.first[cls] = n;
+        for (int o = 0; o < 8; ++o) {
+            if (!class_uses_offset(cls, o)) continue;
+            const int halo = (((o >> 2) & 1) * HALO_H + ((o >> 1) & 1)) * ROW + (o & 1);
+            taps.packed[n++] = halo | (class_tap(cls, o) << 16);
+        }
+    }
+    taps.first[8] = n;
+    return taps;
+}
+}  // namespace tc_tile
+
+__constant__ tc_tile::Taps tc_taps = tc_tile::make_taps();
+
+// A tap's mma operands: A fragments (x) of KSTEPS k-steps, B fragments of the 4 n-tiles.
+template <int KSTEPS>
+struct TapOperands {
+    unsigned int a[KSTEPS][4];
+    float4 b[KSTEPS][2];
+};
+
+template <int KSTEPS>
+__device__ __forceinline__ void load_tap(TapOperands<KSTEPS>& f, int tap, const float* xa,
+                                         const float4* wb) {
+    using namespace tc_tile;
+    const int packed = tc_taps.packed[tap];
+    xa += packed & 0xffff;
+    wb += (packed >> 16) * (KSTEPS * 64);
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        const float* p = xa + kk * 8 * XS;
+        f.a[kk][0] = __float_as_uint(p[0]);
+        f.a[kk][1] = __float_as_uint(p[8]);
+        f.a[kk][2] = __float_as_uint(p[4 * XS]);
+        f.a[kk][3] = __float_as_uint(p[4 * XS + 8]);
+        f.b[kk][0] = wb[kk * 64];
+        f.b[kk][1] = wb[kk * 64 + 32];
+    }
+}
+
+template <int KSTEPS>
+__device__ __forceinline__ void mma_tap(float (&acc)[4][4], const TapOperands<KSTEPS>& f) {
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+        const unsigned int* a = f.a[kk];
+        mma_tf32(acc[0], a[0], a[1], a[2], a[3], __float_as_uint(f.b[kk][0].x),
+                 __float_as_uint(f.b[kk][0].y));
+        mma_tf32(acc[1], a[0], a[1], a[2], a[3], __float_as_uint(f.b[kk][0].z),
+                 __float_as_uint(f.b[kk][0].w));
+        mma_tf32(acc[2], a[0], a[1], a[2], a[3], __float_as_uint(f.b[kk][1].x),
+                 __float_as_uint(f.b[kk][1].y));
+        mma_tf32(acc[3], a[0], a[1], a[2], a[3], __float_as_uint(f.b[kk][1].z),
+                 __float_as_uint(f.b[kk][1].w));
+    }
+}
+
+template <int KSTEPS>
+__global__ void __launch_bounds__(tc_tile::THREADS, 1) parity_forward_tc(
+    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
+    const float* __restrict__ multiplier, float* __restrict__ y,
+    unsigned char* __restrict__ window_index, int N, int Cin, int Cout, int D, int H, int W,
+    int multiplier_stride, int has_bias, double negative_slope, int tiles, int tiles_h,
+    int tiles_w) {
+    using namespace tc_tile;
+    constexpr int CIP = 8 * KSTEPS;
+    extern __shared__ float4 smem4[];
+    float* ws = reinterpret_cast<float*>(smem4);  // B fragments: [TAPS][KSTEPS][256]
+    float* xs_base = ws + TAPS * KSTEPS * 256;     // 2 x [CIP][XS]
+    float* bias_s = xs_base + 2 * CIP * XS;        // [CO]
+    float* slopes_s = bias_s + CO;                 // [CO] for t > 0, then [CO] for t <= 0
+    const int co0 = blockIdx.y * CO;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int line = warp >> 1, row0 = (warp & 1) * 16;
+    const long long spatial = (long long)D * H * W;
+    const bool chunks = W % 4 == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0;
+    if ((int)blockIdx.x >= tiles) return;
+
+    // x[n, :, d..d+1, h0..h0+8, w0..w0+32] of `tile` into `xs` ([ci][dd][hh][ww], zeros
+    // outside the input), asynchronously.
+    auto issue = [&](int tile, float* xs) {
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW;
+        rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH;
+        rest /= tiles_h;
+        const int d = rest % D, n = rest / D;
+        const float* xn = x + (long long)n * Cin * spatial;
+        auto source = [&](int row, int ww, float*& dst) -> const float* {
+            const int ci = row / ROWS, rest_row = row - ci * ROWS;
+            const int dd = rest_row >= HALO_H, hh = rest_row - dd * HALO_H;
+            dst = xs + ci * XS + rest_row * ROW + ww;
+            const bool inside = ci < Cin && d + dd < D && h0 + hh < H && w0 + ww < W;
+            return inside ? xn + ci * spatial + ((long long)(d + dd) * H + h0 + hh) * W + w0 + ww
+                          : nullptr;
+        };
+        if (chunks) {  // 16-byte copies of each row's first 32 values, then the 33rd
+            for (int row = threadIdx.x >> 3; row < CIP * ROWS; row += THREADS / 8) {
+                float* dst;
+                const float* src = source(row, (threadIdx.x & 7) * 4, dst);
+                stage_async<16>(dst, src ? src : x, src != nullptr);
+            }
+            for (int row = threadIdx.x; row < CIP * ROWS; row += THREADS) {
+                float* dst;
+                const float* src = source(row, TW, dst);
+                stage_async<4>(dst, src ? src : x, src != nullptr);
+            }
+        } else {
+            for (int e = threadIdx.x; e < CIP * ROWS * (TW + 1); e += THREADS) {
+                const int row = e / (TW + 1);
+                float* dst;
+                const float* src = source(row, e - row * (TW + 1), dst);
+                stage_async<4>(dst, src ? src : x, src != nullptr);
+            }
+        }
+        stage_commit();
+    };
+    issue(blockIdx.x, xs_base);  // the first tile flies while the weights are staged
+
+    // B fragments, rounded to TF32: float4 (tap, kk, j, lane) = {B[t][n0+g], B[t+4][n0+g],
+    // B[t][n1+g], B[t+4][n1+g]} with n0 = 16j, n1 = 16j + 8, B[ci][col] = w[ci, co0+col, tap]:
+    // one 16-byte load feeds two mma.
+    {
+        const int e = threadIdx.x & 255, q = e & 3, fl = (e >> 2) & 31, j = (e >> 7) & 1;
+        const int co = co0 + (2 * j + (q >> 1)) * 8 + (fl >> 2);
+        const int ci_in_step = (fl & 3) + ((q & 1) ? 4 : 0);
+        for (int kk = threadIdx.x >> 8; kk < KSTEPS; kk += THREADS / 256) {
+            const int ci = kk * 8 + ci_in_step;
+            const bool valid = ci < Cin && co < Cout;
+            const float* src = weight + ((long long)ci * Cout + co) * TAPS;
+#pragma unroll 9
+            for (int k = 0; k < TAPS; ++k)
+                ws[(k * KSTEPS + kk) * 256 + e] = __uint_as_float(to_tf32(valid ? src[k] : 0.f));
+        }
+    }
+    if (threadIdx.x < CO) {
+        const int co = co0 + threadIdx.x;
+        const bool valid = co < Cout;
+        bias_s[threadIdx.x] = valid && has_bias ? bias[co] : 0.f;
+        const float m = valid ? multiplier[co * multiplier_stride] : 0.f;
+        const float slope = float(negative_slope);
+        // leaky(m * leaky(t)) = t * (t > 0 ? c_pos : c_neg), one rounding (see the FFMA kernel).
+        slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
+        slopes_s[CO + threadIdx.x] = m * slope < 0.f ? m * slope : slope * (m * slope);
+    }
+
+    for (int it = 0, tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++it) {
+        float* xs = xs_base + (it & 1) * CIP * XS;
+        if (tile + gridDim.x < tiles) {
+            issue(tile + gridDim.x, xs_base + ((it + 1) & 1) * CIP * XS);
+            stage_wait_pending<1>();  // this tile's copies have landed; the next one's may fly
+        } else {
+            stage_wait_pending<0>();
+        }
+        __syncthreads();  // every thread's copies (and on the first pass the weights) visible
+        // Round the tile to TF32 in place, so the mma loops read ready operands.
+        for (int e = threadIdx.x; e < CIP * XS / 4; e += THREADS) {
+            float4 v = reinterpret_cast<float4*>(xs)[e];
+            v = make_float4(__uint_as_float(to_tf32(v.x)), __uint_as_float(to_tf32(v.y)),
+                            __uint_as_float(to_tf32(v.z)), __uint_as_float(to_tf32(v.w)));
+            reinterpret_cast<float4*>(xs)[e] = v;
+        }
+        __syncthreads();
+
+        // Window indices travel packed: byte r of windows[nt] belongs to value r of n-tile nt
+        // (channel nt * 8 + 2t + (r & 1), w row0 + g + 8 * (r >> 1)).
+        float best[4][4];
+        unsigned int windows[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) best[nt][r] = __int_as_float(0xff800000);  // -inf
+        const float* xa = xs + t * XS + line * ROW + row0 + g;
+        const float4* wb = reinterpret_cast<const float4*>(ws) + lane;
+#pragma unroll 1
+        for (int cls = 0; cls < 8; ++cls) {
+            float acc[4][4];  // started from the bias
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[nt][r] = bias_s[nt * 8 + 2 * t + (r & 1)];
+            const int first = tc_taps.first[cls], last = tc_taps.first[cls + 1];  // 1 or even
+            if (KSTEPS == 2) {  // the next tap's operands load while this tap's mma run
+                TapOperands<KSTEPS> even, odd;
+                load_tap(even, first, xa, wb);
+#pragma unroll 1
+                for (int tap = first; tap < last; tap += 2) {
+                    if (tap + 1 < last) load_tap(odd, tap + 1, xa, wb);
+                    mma_tap(acc, even);
+                    if (tap + 2 < last) load_tap(even, tap + 2, xa, wb);
+                    if (tap + 1 < last) mma_tap(acc, odd);
+                }
+            } else {
+#pragma unroll 1
+                for (int tap = first; tap < last; ++tap) {
+                    TapOperands<KSTEPS> f;
+                    load_tap(f, tap, xa, wb);
+                    mma_tap(acc, f);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int col = nt * 8 + 2 * t + (r & 1);
+                    const float v = acc[nt][r] * (acc[nt][r] > 0.f ? slopes_s[col]
+                                                                   : slopes_s[CO + col]);
+                    // best starts at -inf with index 0: class 0 is taken unless it is -inf,
+                    // which leaves index 0 as PyTorch does.
+                    if (pool_takes(best[nt][r], v)) {
+                        best[nt][r] = v;
+                        windows[nt] = (windows[nt] & ~(0xffu << (8 * r))) |
+                                      ((unsigned int)cls << (8 * r));
+                    }
+                }
+        }
+
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW;
+        rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH;
+        rest /= tiles_h;
+        const int d = rest % D, n = rest / D;
+        const int h = h0 + line, w_first = w0 + row0 + g, channels = Cout - co0 - 2 * t;
+        const long long base =
+            (((long long)n * Cout + co0 + 2 * t) * D + d) * H * (long long)W + (long long)h * W;
+        if (h < H) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int channel = nt * 8 + (r & 1), w = w_first + 8 * (r >> 1);
+                    if (channel < channels && w < W) {
+                        const long long off = base + channel * spatial + w;
+                        y[off] = best[nt][r];
+                        window_index[off] = (unsigned char)(windows[nt] >> (8 * r));
+                    }
+                }
+        }
+        __syncthreads();  // everyone is done with this buffer before it is refilled
     }
 }
 
@@ -586,8 +859,6 @@ __global__ void __launch_bounds__(ffma_tile::THREADS, 2) parity_forward_ffma(
         const float*, const float*, const float*, const float*, float*, unsigned char*,       \
         const float*, unsigned int*, float*, float*, int, int, int, int, int, int, int, int,  \
         double, int, int, int, int, int);
-FUSED3D_INSTANTIATE_TF32(1, false)
-FUSED3D_INSTANTIATE_TF32(2, false)
 FUSED3D_INSTANTIATE_TF32(1, true)
 FUSED3D_INSTANTIATE_TF32(2, true)
 #define FUSED3D_INSTANTIATE_EXACT(T, Acc, CO_T, TD)                                            \
@@ -609,4 +880,10 @@ FUSED3D_INSTANTIATE_EXACT(bf16_t, float, 8, 2)
 FUSED3D_INSTANTIATE_FFMA(1)
 FUSED3D_INSTANTIATE_FFMA(2)
 FUSED3D_INSTANTIATE_FFMA(3)
+#define FUSED3D_INSTANTIATE_TC(KSTEPS)                                                         \
+    template __global__ void parity_forward_tc<KSTEPS>(                                        \
+        const float*, const float*, const float*, const float*, float*, unsigned char*, int,   \
+        int, int, int, int, int, int, int, double, int, int, int);
+FUSED3D_INSTANTIATE_TC(1)
+FUSED3D_INSTANTIATE_TC(2)
 #endif
