@@ -387,6 +387,92 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
     }
 }
 
+// ------------------------------------------------------------------ persistent tiles
+// What the two persistent forwards below (parity_forward_tc, parity_forward_ffma) share: a
+// tile is 8 h-lines x 32 w pooled positions at one depth of one image, 32 output channels per
+// block; its x halo {tile, tile+1}^3 is staged as [ci][dd][hh][ww], 2 depths x 9 rows of 33
+// values, rows 36 floats apart (16-byte aligned).
+namespace persistent_tile {
+constexpr int TH = 8, TW = 32, CO = 32, TAPS = 27;
+constexpr int HALO_H = TH + 1, ROW = 36, ROWS = 2 * HALO_H, HALO = ROWS * ROW;
+static_assert(HALO % 8 == 0, "rows of 36 values");
+
+struct Origin {
+    int n, d, h0, w0;
+};
+
+__device__ __forceinline__ Origin origin_of(int tile, int D, int tiles_h, int tiles_w) {
+    Origin o;
+    o.w0 = (tile % tiles_w) * TW;
+    tile /= tiles_w;
+    o.h0 = (tile % tiles_h) * TH;
+    tile /= tiles_h;
+    o.d = tile % D;
+    o.n = tile / D;
+    return o;
+}
+
+// Issue the cp.async copies of the tile at `o` into `xs` (channel stride XSTRIDE), zeros
+// outside the input: 16-byte copies of each row's first 32 values where `chunks` (W % 4 == 0,
+// x 16-byte aligned), then the 33rd value on its own; 4-byte copies otherwise.
+template <int CIP, int XSTRIDE, int THREADS>
+__device__ __forceinline__ void issue_x_tile(float* xs, const float* x, Origin o, int Cin,
+                                             int D, int H, int W, bool chunks) {
+    const long long spatial = (long long)D * H * W;
+    const float* xn = x + (long long)o.n * Cin * spatial;
+    // Row `row` of the tile at w offset ww: its shared-memory slot, and its source (null
+    // outside the input).
+    auto source = [&](int row, int ww, float*& dst) -> const float* {
+        const int ci = row / ROWS, rest_row = row - ci * ROWS;
+        const int dd = rest_row >= HALO_H, hh = rest_row - dd * HALO_H;
+        dst = xs + ci * XSTRIDE + rest_row * ROW + ww;
+        const bool inside = ci < Cin && o.d + dd < D && o.h0 + hh < H && o.w0 + ww < W;
+        return inside ? xn + ci * spatial + ((long long)(o.d + dd) * H + o.h0 + hh) * W + o.w0 +
+                            ww
+                      : nullptr;
+    };
+    if (chunks) {
+        for (int row = threadIdx.x >> 3; row < CIP * ROWS; row += THREADS / 8) {
+            float* dst;
+            const float* src = source(row, (threadIdx.x & 7) * 4, dst);
+            stage_async<16>(dst, src ? src : x, src != nullptr);
+        }
+        for (int row = threadIdx.x; row < CIP * ROWS; row += THREADS) {
+            float* dst;
+            const float* src = source(row, TW, dst);
+            stage_async<4>(dst, src ? src : x, src != nullptr);
+        }
+    } else {
+        for (int e = threadIdx.x; e < CIP * ROWS * (TW + 1); e += THREADS) {
+            const int row = e / (TW + 1);
+            float* dst;
+            const float* src = source(row, e - row * (TW + 1), dst);
+            stage_async<4>(dst, src ? src : x, src != nullptr);
+        }
+    }
+}
+
+// The block's bias and activation slopes (threads 0..31, one channel each).
+// leaky(m * leaky(t)) is linear on each side of t = 0: t * (t > 0 ? c_pos : c_neg), one
+// rounding instead of three. t > 0: m t, kept when m > 0; t <= 0: m slope t, kept when
+// m slope < 0. slopes_s holds c_pos for the 32 channels, then c_neg.
+__device__ __forceinline__ void stage_bias_and_slopes(float* bias_s, float* slopes_s,
+                                                      const float* bias,
+                                                      const float* multiplier, int co0,
+                                                      int Cout, int multiplier_stride,
+                                                      int has_bias, double negative_slope) {
+    if (threadIdx.x < CO) {
+        const int co = co0 + threadIdx.x;
+        const bool valid = co < Cout;
+        bias_s[threadIdx.x] = valid && has_bias ? bias[co] : 0.f;
+        const float m = valid ? multiplier[co * multiplier_stride] : 0.f;
+        const float slope = float(negative_slope);
+        slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
+        slopes_s[CO + threadIdx.x] = m * slope < 0.f ? m * slope : slope * (m * slope);
+    }
+}
+}  // namespace persistent_tile
+
 // ------------------------------------------------------------------ TF32 persistent forward
 // Same algorithm as fused3d-cuda's tensor-core forward (its parity_forward.cu and
 // parity_common.cuh); this file's own implementation. One block of 16 warps per SM, persistent:
@@ -396,12 +482,11 @@ __global__ void __launch_bounds__(128 * TD, TD == 1 ? 2 : 1) parity_forward_exac
 // another (K = the class's taps x C_in), each folded into a running max with PyTorch's rule,
 // so nothing conv-sized leaves the registers.
 namespace tc_tile {
-constexpr int TH = 8, TW = 32, THREADS = 512, CO = 32, TAPS = 27;
-constexpr int HALO_H = TH + 1, ROW = 36, ROWS = 2 * HALO_H, HALO = ROWS * ROW;
+using namespace persistent_tile;
+constexpr int THREADS = 512;
 // Channel stride of an x tile: == 8 (mod 16) words, so the 4 channel rows of an A fragment
 // (lanes t) fall in distinct bank octets.
 constexpr int XS = (HALO / 8) % 2 == 1 ? HALO : HALO + 8;
-static_assert(HALO % 8 == 0, "rows of 36 values");
 
 // The 27 taps in class order (offsets ascending within a class), each packed as its x halo
 // offset (low 16 bits) and weight tap (high bits).
@@ -491,43 +576,10 @@ __global__ void __launch_bounds__(tc_tile::THREADS, 1) parity_forward_tc(
     const bool chunks = W % 4 == 0 && (reinterpret_cast<unsigned long long>(x) & 15) == 0;
     if ((int)blockIdx.x >= tiles) return;
 
-    // x[n, :, d..d+1, h0..h0+8, w0..w0+32] of `tile` into `xs` ([ci][dd][hh][ww], zeros
-    // outside the input), asynchronously.
+    // x of `tile` into `xs`, asynchronously, as one cp.async group.
     auto issue = [&](int tile, float* xs) {
-        int rest = tile;
-        const int w0 = (rest % tiles_w) * TW;
-        rest /= tiles_w;
-        const int h0 = (rest % tiles_h) * TH;
-        rest /= tiles_h;
-        const int d = rest % D, n = rest / D;
-        const float* xn = x + (long long)n * Cin * spatial;
-        auto source = [&](int row, int ww, float*& dst) -> const float* {
-            const int ci = row / ROWS, rest_row = row - ci * ROWS;
-            const int dd = rest_row >= HALO_H, hh = rest_row - dd * HALO_H;
-            dst = xs + ci * XS + rest_row * ROW + ww;
-            const bool inside = ci < Cin && d + dd < D && h0 + hh < H && w0 + ww < W;
-            return inside ? xn + ci * spatial + ((long long)(d + dd) * H + h0 + hh) * W + w0 + ww
-                          : nullptr;
-        };
-        if (chunks) {  // 16-byte copies of each row's first 32 values, then the 33rd
-            for (int row = threadIdx.x >> 3; row < CIP * ROWS; row += THREADS / 8) {
-                float* dst;
-                const float* src = source(row, (threadIdx.x & 7) * 4, dst);
-                stage_async<16>(dst, src ? src : x, src != nullptr);
-            }
-            for (int row = threadIdx.x; row < CIP * ROWS; row += THREADS) {
-                float* dst;
-                const float* src = source(row, TW, dst);
-                stage_async<4>(dst, src ? src : x, src != nullptr);
-            }
-        } else {
-            for (int e = threadIdx.x; e < CIP * ROWS * (TW + 1); e += THREADS) {
-                const int row = e / (TW + 1);
-                float* dst;
-                const float* src = source(row, e - row * (TW + 1), dst);
-                stage_async<4>(dst, src ? src : x, src != nullptr);
-            }
-        }
+        issue_x_tile<CIP, XS, THREADS>(xs, x, origin_of(tile, D, tiles_h, tiles_w), Cin, D, H,
+                                       W, chunks);
         stage_commit();
     };
     issue(blockIdx.x, xs_base);  // the first tile flies while the weights are staged
@@ -548,16 +600,8 @@ __global__ void __launch_bounds__(tc_tile::THREADS, 1) parity_forward_tc(
                 ws[(k * KSTEPS + kk) * 256 + e] = __uint_as_float(to_tf32(valid ? src[k] : 0.f));
         }
     }
-    if (threadIdx.x < CO) {
-        const int co = co0 + threadIdx.x;
-        const bool valid = co < Cout;
-        bias_s[threadIdx.x] = valid && has_bias ? bias[co] : 0.f;
-        const float m = valid ? multiplier[co * multiplier_stride] : 0.f;
-        const float slope = float(negative_slope);
-        // leaky(m * leaky(t)) = t * (t > 0 ? c_pos : c_neg), one rounding (see the FFMA kernel).
-        slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
-        slopes_s[CO + threadIdx.x] = m * slope < 0.f ? m * slope : slope * (m * slope);
-    }
+    stage_bias_and_slopes(bias_s, slopes_s, bias, multiplier, co0, Cout, multiplier_stride,
+                          has_bias, negative_slope);
 
     for (int it = 0, tile = blockIdx.x; tile < tiles; tile += gridDim.x, ++it) {
         float* xs = xs_base + (it & 1) * CIP * XS;
@@ -630,15 +674,11 @@ __global__ void __launch_bounds__(tc_tile::THREADS, 1) parity_forward_tc(
                 }
         }
 
-        int rest = tile;
-        const int w0 = (rest % tiles_w) * TW;
-        rest /= tiles_w;
-        const int h0 = (rest % tiles_h) * TH;
-        rest /= tiles_h;
-        const int d = rest % D, n = rest / D;
-        const int h = h0 + line, w_first = w0 + row0 + g, channels = Cout - co0 - 2 * t;
+        const Origin o = origin_of(tile, D, tiles_h, tiles_w);
+        const int h = o.h0 + line, w_first = o.w0 + row0 + g, channels = Cout - co0 - 2 * t;
         const long long base =
-            (((long long)n * Cout + co0 + 2 * t) * D + d) * H * (long long)W + (long long)h * W;
+            (((long long)o.n * Cout + co0 + 2 * t) * D + o.d) * H * (long long)W +
+            (long long)h * W;
         if (h < H) {
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
@@ -665,9 +705,8 @@ __global__ void __launch_bounds__(tc_tile::THREADS, 1) parity_forward_tc(
 // channels, 32 accumulators in registers. The 8 classes run one after another, each folded
 // into a running max with PyTorch's rule, so nothing conv-sized leaves the registers.
 namespace ffma_tile {
-constexpr int TH = 8, TW = 32, THREADS = 256, CO = 32, TAPS = 27;
-constexpr int HALO_H = TH + 1, ROW = 36;  // a row: 33 values, rows 16-byte aligned
-constexpr int ROWS = 2 * HALO_H, HALO = ROWS * ROW;  // one channel: 2 depths x 9 rows
+using namespace persistent_tile;
+constexpr int THREADS = 256;
 }  // namespace ffma_tile
 
 // Compile-time flag for generic lambdas (no <type_traits> under NVRTC).
@@ -707,55 +746,12 @@ __global__ void __launch_bounds__(ffma_tile::THREADS, 2) parity_forward_ffma(
 #pragma unroll 9
         for (int k = 0; k < TAPS; ++k) ws[(k * CIP + ci) * CO + lane] = valid ? src[k] : 0.f;
     }
-    if (threadIdx.x < CO) {
-        const int co = co0 + threadIdx.x;
-        const bool valid = co < Cout;
-        bias_s[threadIdx.x] = valid && has_bias ? bias[co] : 0.f;
-        const float m = valid ? multiplier[co * multiplier_stride] : 0.f;
-        const float slope = float(negative_slope);
-        // leaky(m * leaky(t)) is linear on each side of t = 0: t * (t > 0 ? c_pos : c_neg),
-        // one rounding instead of three. t > 0: m t, kept when m > 0; t <= 0: m slope t, kept
-        // when m slope < 0.
-        slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
-        slopes_s[CO + threadIdx.x] = m * slope < 0.f ? m * slope : slope * (m * slope);
-    }
+    stage_bias_and_slopes(bias_s, slopes_s, bias, multiplier, co0, Cout, multiplier_stride,
+                          has_bias, negative_slope);
 
     for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        int rest = tile;
-        const int w0 = (rest % tiles_w) * TW;
-        rest /= tiles_w;
-        const int h0 = (rest % tiles_h) * TH;
-        rest /= tiles_h;
-        const int d = rest % D, n = rest / D;
-        const float* xn = x + (long long)n * Cin * spatial;
-        // x[n, :, d..d+1, h0..h0+8, w0..w0+32] as [ci][dd][hh][ww], zeros outside the input.
-        auto stage_row = [&](int row, int ww, float*& dst) -> const float* {
-            const int ci = row / ROWS, rest_row = row - ci * ROWS;
-            const int dd = rest_row >= HALO_H, hh = rest_row - dd * HALO_H;
-            dst = xs + ci * HALO + rest_row * ROW + ww;
-            const bool inside = ci < Cin && d + dd < D && h0 + hh < H && w0 + ww < W;
-            return inside ? xn + ci * spatial + ((long long)(d + dd) * H + h0 + hh) * W + w0 + ww
-                          : nullptr;
-        };
-        if (chunks) {  // 16-byte copies of each row's first 32 values, then the 33rd on its own
-            for (int row = threadIdx.x >> 3; row < CIP * ROWS; row += THREADS / 8) {
-                float* dst;
-                const float* src = stage_row(row, (threadIdx.x & 7) * 4, dst);
-                stage_async<16>(dst, src ? src : x, src != nullptr);
-            }
-            for (int row = threadIdx.x; row < CIP * ROWS; row += THREADS) {
-                float* dst;
-                const float* src = stage_row(row, TW, dst);
-                stage_async<4>(dst, src ? src : x, src != nullptr);
-            }
-        } else {
-            for (int e = threadIdx.x; e < CIP * ROWS * (TW + 1); e += THREADS) {
-                const int row = e / (TW + 1);
-                float* dst;
-                const float* src = stage_row(row, e - row * (TW + 1), dst);
-                stage_async<4>(dst, src ? src : x, src != nullptr);
-            }
-        }
+        const Origin o = origin_of(tile, D, tiles_h, tiles_w);
+        issue_x_tile<CIP, HALO, THREADS>(xs, x, o, Cin, D, H, W, chunks);
         stage_wait();
         __syncthreads();  // the tile (and, on the first pass, the weights) visible to all
 
@@ -822,9 +818,10 @@ __global__ void __launch_bounds__(ffma_tile::THREADS, 2) parity_forward_ffma(
 
         // Store: the thread's 4 w positions are consecutive, so where W % 4 == 0 a channel's
         // values are one 16-byte store and its window indices one 4-byte store.
-        const int h = h0 + line, w_first = w0 + wg * 4, channels = Cout - co0 - cg * 8;
+        const int h = o.h0 + line, w_first = o.w0 + wg * 4, channels = Cout - co0 - cg * 8;
         const long long base =
-            (((long long)n * Cout + co0 + cg * 8) * D + d) * H * (long long)W + (long long)h * W;
+            (((long long)o.n * Cout + co0 + cg * 8) * D + o.d) * H * (long long)W +
+            (long long)h * W;
         const bool vectors = W % 4 == 0 && (reinterpret_cast<unsigned long long>(y) & 15) == 0 &&
                              (reinterpret_cast<unsigned long long>(window_index) & 3) == 0;
         if (h < H) {
