@@ -613,9 +613,12 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
   const int xs_size = kMaxCin * kXStrideT;
   float* dz_base = xs_base + 2 * xs_size;  // 2 x [cop][kDzStrideT]
   const int dz_size = kMaxCout * kDzStrideT;  // rows >= cop stay zero
-  // Half types: 2 raw x tiles after the dz tiles (see issue_x_tile), 16-byte aligned.
+  // Half types: 2 raw x tiles after the dz tiles (see issue_x_tile), 16-byte aligned; null
+  // where the raw copies do not apply.
   constexpr int raw_size = grad_weight_raw_x<T>() ? raw_x_tile_values(kMaxCin) : 0;
-  uint16_t* raw_base = raw_size ? reinterpret_cast<uint16_t*>(dz_base + 2 * dz_size) : nullptr;
+  uint16_t* raw_base = raw_size && raw_x_copies(x, s)
+                           ? reinterpret_cast<uint16_t*>(dz_base + 2 * dz_size)
+                           : nullptr;
   const int lane = threadIdx.x & 31;
   // 16 warps: warp & 7 picks the pair set, warp >> 3 the half of the K steps it sums.
   const int warp = (threadIdx.x >> 5) & 7, half = threadIdx.x >> 8;
@@ -695,7 +698,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     } else {
       cp_async_wait<0>();
     }
-    settle_x_tile_tf32<T>(xs_base + (it & 1) * xs_size, cip, kXStrideT, x, &s,
+    settle_x_tile_tf32<T>(xs_base + (it & 1) * xs_size, cip, kXStrideT,
                           raw_base ? raw_base + (it & 1) * raw_size : nullptr);
     __syncthreads();
     const float* xs = xs_base + (it & 1) * xs_size;

@@ -172,7 +172,8 @@ __device__ __forceinline__ void issue_x_tile_chunks(float* xs, const float* x, c
 // raw tile ([ci][kHaloD * kHaloH rows][kRawRow] values), then widened to fp32 in shared memory
 // (widen_raw_x_tile), so the copies overlap the previous tile's math as fp32's do. A raw row
 // holds the 32 values of four 16-byte copies and the 33rd from a 4-byte copy that reads only
-// its 2 source bytes. Needs W % 8 == 0 and a 16-byte aligned x (raw_x_copies).
+// its 2 source bytes. Needs W % 8 == 0 and a 16-byte aligned x: a kernel checks raw_x_copies
+// once and passes its raw tiles to issue_x_tile and settle_x_tile_tf32 only where it holds.
 constexpr int kRawRow = 40;
 __host__ __device__ constexpr int raw_x_tile_values(int ci_padded) {
   return ci_padded * kHaloD * kHaloH * kRawRow;
@@ -258,8 +259,8 @@ __device__ __forceinline__ void widen_raw_x_tile(float* xs, const uint16_t* raw,
 
 // Stage x[n, :, d..d+1, h0..h0+8, w0..w0+32] (zero outside the input) as [ci][halo] floats with
 // channel stride `stride`: fp32 through cp.async (asynchronous; 16-byte copies where x's rows
-// are aligned); half types into the raw tile `raw` where given and raw_x_copies allows
-// (asynchronous; settle_x_tile widens them), otherwise converted inline.
+// are aligned); half types into the raw tile `raw` where given (the caller checked
+// raw_x_copies; asynchronous, settle_x_tile_tf32 widens them), otherwise converted inline.
 template <typename T>
 __device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockShape& s,
                                              TileCoord c, int ci_padded, int stride = kXStride,
@@ -271,7 +272,7 @@ __device__ __forceinline__ void issue_x_tile(float* xs, const T* x, const BlockS
       return;
     }
   } else {
-    if (raw != nullptr && raw_x_copies(x, s)) {
+    if (raw != nullptr) {
       issue_raw_x_tile(raw, x, s, c, ci_padded);
       return;
     }
@@ -323,8 +324,6 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 // each thread reads values other threads copied).
 template <typename T>
 __device__ __forceinline__ void settle_x_tile_tf32(float* xs, int ci_padded, int stride,
-                                                   const T* x = nullptr,
-                                                   const BlockShape* s = nullptr,
                                                    const uint16_t* raw = nullptr) {
   if constexpr (std::is_same<T, float>::value) {
     __syncthreads();
@@ -334,7 +333,7 @@ __device__ __forceinline__ void settle_x_tile_tf32(float* xs, int ci_padded, int
       v[e] = make_float4(to_tf32(a.x), to_tf32(a.y), to_tf32(a.z), to_tf32(a.w));
     }
   } else {
-    if (raw != nullptr && raw_x_copies(x, *s)) {
+    if (raw != nullptr) {
       __syncthreads();
       widen_raw_x_tile<T>(xs, raw, ci_padded, stride);
     }

@@ -265,9 +265,12 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
   const int xs_size = cip * kXStride;
   float* bias_s = xs_base + kBuffers * xs_size;
   float* slopes_s = bias_s + kCoTile;  // [c_pos x 32][c_neg x 32]
-  // Half types: raw x tiles, one per x buffer (see issue_x_tile), 16-byte aligned.
+  // Half types: raw x tiles, one per x buffer (see issue_x_tile), 16-byte aligned; null
+  // where the raw copies do not apply (the values are then converted inline).
   constexpr int raw_size = kRawStaging<T, kTensorCores, KSTEPS>() ? raw_x_tile_values(cip) : 0;
-  uint16_t* raw_base = raw_size ? reinterpret_cast<uint16_t*>(slopes_s + 2 * kCoTile) : nullptr;
+  uint16_t* raw_base = raw_size && raw_x_copies(x, s)
+                           ? reinterpret_cast<uint16_t*>(slopes_s + 2 * kCoTile)
+                           : nullptr;
   const int co0 = blockIdx.y * kCoTile;
   if ((int)blockIdx.x >= geo.tiles) return;
 
@@ -317,7 +320,7 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
       cp_async_wait<0>();
     }
     if constexpr (kTensorCores) {
-      settle_x_tile_tf32<T>(xs, cip, kXStride, x, &s,
+      settle_x_tile_tf32<T>(xs, cip, kXStride,
                             raw_base ? raw_base + (it % kBuffers) * raw_size : nullptr);
     }
     __syncthreads();  // tile `it` (and on the first pass the weights) visible to all warps
