@@ -11,6 +11,7 @@ import fused3d
 from fused3d.config import BlockConfig
 from fused3d.testing import (
     cancellation_floor,
+    chosen_values,
     oracle_conv,
     oracle_forward,
     oracle_gradient_magnitudes,
@@ -159,9 +160,7 @@ def off_kink(conv64: torch.Tensor, window_index: torch.Tensor, threshold: float)
     may land on either side, and both gradients are right; such windows cannot be judged.
     """
     # (An out-of-range index is reported by the caller's own check, not here.)
-    index = window_index.to(conv64.device, torch.long).clamp(0, 7).unsqueeze(-1)
-    chosen = torch.gather(window_values(conv64), -1, index).squeeze(-1)
-    return chosen.abs() > threshold
+    return chosen_values(conv64, window_index.clamp(max=7)).abs() > threshold
 
 
 def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Generator,
@@ -206,10 +205,9 @@ def check_against_oracle(backend_name: str, inputs: Inputs, generator: torch.Gen
         f"{int(mismatched.sum())} of {index.numel()} windows disagree with PyTorch's winner "
         f"(first at {mismatched.nonzero()[0].tolist()})"
     )
-    chosen = torch.gather(window_values(values64), -1, index.long().unsqueeze(-1))
-    best = y64.unsqueeze(-1)
-    finite = torch.isfinite(best)
-    assert (chosen[finite] >= best[finite] - threshold - 1e-12 * scale).all(), (
+    chosen = chosen_values(values64, index)
+    finite = torch.isfinite(y64)
+    assert (chosen[finite] >= y64[finite] - threshold - 1e-12 * scale).all(), (
         "a window's chosen position is not a maximum"
     )
 

@@ -73,8 +73,8 @@ def tolerance_for(
     return TOLERANCES.get(backend, _DEFAULT)[precision_class(dtype, device_type, allow_tf32)]
 
 
-#: Unit roundoff of the accumulator: float64 sums in float64, every other dtype in fp32.
 def accumulation_unit(dtype: torch.dtype) -> float:
+    """Unit roundoff of the accumulator: float64 sums in float64, every other dtype in fp32."""
     return 2.0**-53 if dtype == torch.float64 else 2.0**-24
 
 
@@ -153,6 +153,12 @@ def window_values(values: torch.Tensor) -> torch.Tensor:
             .permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(n, c, dp, hp, wp, WINDOW_SIZE))
 
 
+def chosen_values(values: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+    """Each pool window's value at its window index, shape (N, C, Dp, Hp, Wp)."""
+    index = window_index.to(values.device, torch.long).unsqueeze(-1)
+    return torch.gather(window_values(values), -1, index).squeeze(-1)
+
+
 def _as64(tensor, device):
     return None if tensor is None else tensor.detach().to(device or tensor.device, torch.float64)
 
@@ -186,8 +192,7 @@ def oracle_gradients(x, weight, bias, multiplier, stride, padding, output_paddin
               for t in (x, weight, bias, multiplier)]
     with torch.enable_grad():
         values = activated(*leaves, stride, padding, output_padding, negative_slope)
-        index = window_index.to(values.device, torch.long).unsqueeze(-1)
-        picked = torch.gather(window_values(values), -1, index).squeeze(-1)
+        picked = chosen_values(values, window_index)
         wanted = [t for t in leaves if t is not None]
         grads = iter(torch.autograd.grad(picked, wanted, _as64(grad_y, values.device)))
     return tuple(None if t is None else next(grads) for t in leaves)
@@ -210,8 +215,7 @@ def oracle_gradient_magnitudes(x, weight, bias, multiplier, stride, padding, out
         # One multiplier per conv element, so its gradient holds the terms, not their sum.
         spread = torch.broadcast_to(multiplier64, conv.shape).clone().requires_grad_()
         values = F.leaky_relu(F.leaky_relu(conv, negative_slope) * spread, negative_slope)
-        index = window_index.to(values.device, torch.long).unsqueeze(-1)
-        picked = torch.gather(window_values(values), -1, index).squeeze(-1)
+        picked = chosen_values(values, window_index)
         dz, multiplier_terms = torch.autograd.grad(picked, (conv, spread),
                                                    _as64(grad_y, values.device))
         # The conv's gradients are linear in (x, weight, dz): with all three made non-negative
