@@ -99,3 +99,18 @@ def test_unusable_device_raises_with_reasons(backend_name):
         args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(BackendError, match=rf"backend '{backend_name}' cannot run this call"):
         fused3d.fused_block(**args, backend=backend_name)
+
+
+def test_bad_input_after_the_same_good_call(backend_name):
+    """Repeated calls skip re-validation (a per-signature cache), but only an identical call
+    does: a bool that equals a cached int, or another shape, is still checked."""
+    good = {**_good(), "stride": 1, "padding": 0, "output_padding": 0}
+    for _ in range(2):
+        fused3d.fused_block(**good, backend=backend_name)
+    with pytest.raises(TypeError, match=r"stride must be an int or a sequence of 3 ints, got bool"):
+        fused3d.fused_block(**{**good, "stride": True}, backend=backend_name)
+    fused3d.fused_block(**{**good, "padding": (0, 0, 0)}, backend=backend_name)
+    with pytest.raises(TypeError, match=r"padding must be an int or a sequence of 3 ints"):
+        fused3d.fused_block(**{**good, "padding": (False, 0, 0)}, backend=backend_name)
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        fused3d.fused_block(**{**good, "bias": good["bias"][:4]}, backend=backend_name)
