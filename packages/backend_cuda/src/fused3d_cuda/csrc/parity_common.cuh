@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <type_traits>
+#include <tuple>
 #include <utility>
 
 #include "fused3d_common.cuh"
@@ -49,6 +50,28 @@ inline cudaError_t raise_smem_limit(const void* kernel, size_t bytes) {
   if (current >= bytes) return cudaSuccess;
   e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   if (e == cudaSuccess) current = bytes;
+  return e;
+}
+
+// Resident blocks per SM of a kernel at this block size and dynamic shared memory: the driver's
+// occupancy answer, asked once per (kernel, threads, bytes, device) and then remembered (the
+// query costs microseconds of host time on every forward call otherwise).
+inline cudaError_t resident_blocks_per_sm(const void* kernel, int threads, size_t smem,
+                                          int* per_sm) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t, int>, int> cache;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, threads, smem, device);
+  auto found = cache.find(key);
+  if (found != cache.end()) {
+    *per_sm = found->second;
+    return cudaSuccess;
+  }
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem);
+  if (e == cudaSuccess) cache[key] = *per_sm;
   return e;
 }
 

@@ -362,8 +362,8 @@ cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t
   if (e != cudaSuccess) return e;
   int sms = 0, per_sm = 0;
   if ((e = current_sm_count(&sms)) != cudaSuccess) return e;
-  if ((e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem)) !=
-      cudaSuccess)
+  if ((e = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), threads, smem,
+                                  &per_sm)) != cudaSuccess)
     return e;
   if (per_sm < 1) per_sm = 1;
   const int co_chunks = (s.out_channels + kCoTile - 1) / kCoTile;
