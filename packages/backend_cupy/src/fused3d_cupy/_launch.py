@@ -54,7 +54,7 @@ class Kernel:
     (``P`` a pointer, ``i`` an int, ``d`` a double); native alignment matches the CUDA ABI.
     """
 
-    __slots__ = ("_buffer_type", "_format", "_function", "_offsets", "_pointer", "raw")
+    __slots__ = ("_buffer_type", "_format", "_function", "_offsets", "_pointer", "_slots", "raw")
 
     def __init__(self, raw_kernel, signature: str) -> None:
         global _launch_kernel
@@ -75,12 +75,24 @@ class Kernel:
             offsets.append(struct.calcsize("@" + "".join(codes[: i + 1])) - struct.calcsize(code))
         self._offsets = tuple(offsets)
         self._buffer_type = ctypes.c_char * max(1, struct.calcsize(self._format))
+        self._slots = threading.local()
+
+    def _slot(self) -> tuple:
+        """This thread's argument buffer and the parameter array pointing into it (made once:
+        cuLaunchKernel copies the arguments before it returns, so the next launch may reuse
+        them; per thread, because autograd's device threads launch too)."""
+        slot = getattr(self._slots, "slot", None)
+        if slot is None:
+            buffer = self._buffer_type()
+            base = ctypes.addressof(buffer)
+            params = (ctypes.c_void_p * len(self._offsets))(*[base + o for o in self._offsets])
+            slot = self._slots.slot = (buffer, params, ctypes.addressof(params))
+        return slot
 
     def launch(self, grid: tuple[int, int], block: int, stream: int, args: tuple,
                shared_mem: int = 0) -> None:
         """Enqueue on ``stream`` (a raw ``cudaStream_t``); ``args`` in signature order."""
-        buffer = self._buffer_type.from_buffer_copy(struct.pack(self._format, *args))
-        base = ctypes.addressof(buffer)
-        params = (ctypes.c_void_p * len(self._offsets))(*[base + o for o in self._offsets])
+        buffer, _, params_at = self._slot()
+        struct.pack_into(self._format, buffer, 0, *args)
         _launch_kernel(self._pointer, grid[0], grid[1], 1, block, 1, 1, shared_mem,
-                               stream, ctypes.addressof(params), 0)
+                       stream, params_at, 0)
