@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Measure and verify on a lent H100 in device calls of under 10 minutes each:
-#   FUSED3D_GIT_COMMIT=<sha> bash scripts/h100_run.sh bench    # ~12 min: split with BENCH_PARTS
+#   FUSED3D_GIT_COMMIT=<sha> bash scripts/h100_run.sh bench    # ~14 min: split with BENCH_PARTS
 #   bash scripts/h100_run.sh suites                            # ~6 min: the suites, in parallel
 #   SUITE_BACKENDS="reference cuda" bash scripts/h100_run.sh suites   # some backends only
 #   bash scripts/h100_run.sh profile                           # ncu of the cuda/cupy kernels
@@ -26,17 +26,23 @@ case "$stage" in
   bench)
     # Parts (BENCH_PARTS, default all three; each merges into bench_cuda.csv after the first,
     # and the first too when $OUT already holds bench_cuda.json from an earlier call):
-    #   main: batch 16, TF32, every implementation incl. torch.compile max-autotune;
+    #   main: batch 16, TF32, every implementation incl. torch.compile max-autotune and the
+#         backends as CUDA graphs;
     #   precisions: batch 16, IEEE fp32 and bf16, eager and torch.compile as baselines;
-    #   sweep: batches 1, 4, 64, TF32, eager and torch.compile as baselines.
+    #   sweep: batches 1, 4, 64, TF32, eager and torch.compile as baselines, CUDA graphs too.
     merge=(); [ -f "$out/bench_cuda.json" ] && merge=(--merge)  # continue an earlier call's file
+    # Backends also timed as CUDA graphs (make_graphed_callables): their GPU time without the
+    # host's per-call work, beside the eager rows (BENCH_GRAPHED="" for none).
+    graphed=${BENCH_GRAPHED-cuda,cupy,triton}
     for part in ${BENCH_PARTS:-main precisions sweep}; do
       case "$part" in
-        main) part_args=(--batches 16 --precisions tf32); budget=${BENCH_MAIN_S:-280} ;;
+        main) part_args=(--batches 16 --precisions tf32 --cudagraphs "$graphed")
+              budget=${BENCH_MAIN_S:-380} ;;
         precisions) part_args=(--batches 16 --precisions fp32,bf16 --baselines eager,compile)
                     budget=${BENCH_PRECISIONS_S:-250} ;;
-        sweep) part_args=(--batches 1,4,64 --precisions tf32 --baselines eager,compile)
-               budget=${BENCH_SWEEP_S:-200} ;;
+        sweep) part_args=(--batches 1,4,64 --precisions tf32 --baselines eager,compile
+                          --cudagraphs "$graphed")
+               budget=${BENCH_SWEEP_S:-300} ;;
         *) echo "unknown bench part $part" >&2; exit 2 ;;
       esac
       timeout -s INT "$budget" python3 -m fused3d.bench --out "$out" "${part_args[@]}" "${merge[@]}" \

@@ -68,11 +68,30 @@ class Implementation:
     kind: str  # "baseline" or "backend"
     compile_mode: str | None = None  # None (eager), "default" or "max-autotune"
     backend: str | None = None
+    #: Forward and backward captured once as CUDA graphs (torch.cuda.make_graphed_callables)
+    #: and replayed: the same kernels without the per-call host work.
+    graphed: bool = False
+
+    @property
+    def replays_cuda_graphs(self) -> bool:
+        return self.graphed or self.compile_mode == "max-autotune"
 
     @property
     def tolerance_row(self) -> str:
         # Baselines use the default row of fused3d.testing's table.
         return self.backend or "eager"
+
+
+#: Suffix of a backend's CUDA-graph row (``--cudagraphs``).
+CUDAGRAPHS_SUFFIX = "+cudagraphs"
+
+
+def graphed(backend: str) -> Implementation:
+    """A backend's FusedModel through torch.cuda.make_graphed_callables: forward and backward
+    replayed as two CUDA graphs. Python, the dispatcher and the launches leave the step (the
+    autograd engine and the graph launches stay); the kernels are the same, so the row shows
+    what the step costs the GPU when the host keeps up."""
+    return Implementation(backend + CUDAGRAPHS_SUFFIX, "backend", backend=backend, graphed=True)
 
 
 BASELINES = {
@@ -96,6 +115,8 @@ class Settings:
     out_dir: Path
     stem: str
     merge: bool = False
+    #: Backends also timed as CUDA graphs (see :func:`graphed`).
+    graphed_backends: tuple[str, ...] = ()
     seed: int = 0
     time_budget_s: float | None = None
     #: On the CPU, backends other than ``reference`` run through an interpreter (Triton's
@@ -417,8 +438,9 @@ def check_point(impl: Implementation, mode: str, module: torch.nn.Module, call: 
         return Check(True, max(worst, forward_error), tolerance.gradient, "", first_call_s)
     message = (f"gradient error vs float64 routed through {winners}: {detail} "
                f"(tolerance {tolerance.gradient:.3g})")
-    if impl.compile_mode is not None:
+    if impl.compile_mode is not None and impl.backend is None:
         # Compiled code picks its own winners near ties; they are not visible to check.
+        # (A compiled backend runs the same kernels, so its winners are the ones checked.)
         return Check(True, worst, tolerance.gradient, "not gated: " + message, first_call_s)
     return Check(False, worst, tolerance.gradient, message, first_call_s)
 
@@ -449,6 +471,8 @@ class Runner:
         if group.extra.get("error"):
             return {**row, "status": ERROR, "message": group.extra["error"]}
         plan = settings.plan
+        if impl.graphed and self.device.type != "cuda":
+            return {**row, "status": UNAVAILABLE, "message": "CUDA graphs need a CUDA device"}
         if impl.backend is not None:
             try:
                 backend = get_backend(impl.backend)
@@ -473,8 +497,10 @@ class Runner:
             self.timer.synchronize()
             resident = torch.cuda.memory_allocated(self.device) if self.timer.is_cuda else 0
             module, compiled = build(impl, settings.problem, state, precision.dtype, self.device)
+            if impl.graphed:  # captured with this group's x, the input every timed call gets
+                compiled = torch.cuda.make_graphed_callables(module, (group.x,))
             leaves = [group.x, *module.parameters()]
-            marks_steps = impl.compile_mode is not None and hasattr(
+            marks_steps = impl.compile_mode == "max-autotune" and hasattr(
                 torch.compiler, "cudagraph_mark_step_begin")
 
             def call(x, compiled=compiled, marks_steps=marks_steps):
@@ -503,7 +529,7 @@ class Runner:
             stats: Stats = self.timer.measure(run, prepare, plan)
             row.update({k: round(v, 6) if isinstance(v, float) else v
                         for k, v in stats.__dict__.items()})
-            if impl.compile_mode == "max-autotune" and self.timer.is_cuda:
+            if impl.replays_cuda_graphs and self.timer.is_cuda:
                 # Its CUDA graphs replay inside a private pool whose reuse
                 # max_memory_allocated does not see: a number here would undercount.
                 note = "peak memory not measured (CUDA-graph private pool)"
@@ -581,6 +607,7 @@ def run(settings: Settings) -> int:
     # spread as widely with it last as with it first: the host's speed, not max-autotune.)
     impls = [BASELINES[name] for name in settings.baselines if name != "compile-max-autotune"]
     impls += [Implementation(name, "backend", backend=name) for name in names]
+    impls += [graphed(name) for name in settings.graphed_backends]
     impls += [BASELINES[name] for name in settings.baselines if name == "compile-max-autotune"]
     meta = run_metadata(settings)
     results = ResultSet(meta, settings)
@@ -723,6 +750,11 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
     parser.add_argument("--baselines", default=None,
                         help="comma list from eager,compile,compile-max-autotune "
                              "(default: all; --quick and CPU: eager,compile)")
+    parser.add_argument("--cudagraphs", default="",
+                        help="comma list of backends also timed as CUDA graphs "
+                             "(torch.cuda.make_graphed_callables), rows '<backend>+cudagraphs': "
+                             "the same kernels without the per-call host work (GPU only; "
+                             "default none)")
     parser.add_argument("--batches", default=None,
                         help="comma list (default 1,4,16,64; CPU 1,4)")
     parser.add_argument("--precisions", default=None,
@@ -796,13 +828,15 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
         parser.error(f"--baselines: unknown {unknown}; choose from {', '.join(BASELINES)}")
 
     backends = None if args.backends is None else tuple(_csv_list(args.backends))
-    if backends:
-        from fused3d.registry import backend_names
+    graphed_backends = tuple(_csv_list(args.cudagraphs))
+    for option, names in (("--backends", backends), ("--cudagraphs", graphed_backends)):
+        if names:
+            from fused3d.registry import backend_names
 
-        unknown = [b for b in backends if b not in backend_names()]
-        if unknown:
-            parser.error(f"--backends: unknown {unknown}; installed: "
-                         f"{', '.join(backend_names())}")
+            unknown = [b for b in names if b not in backend_names()]
+            if unknown:
+                parser.error(f"{option}: unknown {unknown}; installed: "
+                             f"{', '.join(backend_names())}")
 
     if on_cpu:
         plan = TimingPlan(warmup=2, min_reps=5, max_reps=20, target_s=0.2)
@@ -826,7 +860,8 @@ def parse_args(argv: Iterable[str] | None = None) -> Settings:
     return Settings(
         device=device, problem=problem, batches=batches,
         precisions=tuple(PRECISIONS[p] for p in precision_names), modes=tuple(modes),
-        baselines=tuple(baselines), backends=backends, plan=plan, out_dir=args.out, stem=stem,
+        baselines=tuple(baselines), backends=backends, graphed_backends=graphed_backends,
+        plan=plan, out_dir=args.out, stem=stem,
         merge=args.merge, seed=args.seed, time_budget_s=args.time_budget,
         interpreted_batch=min(batches) if on_cpu else None,
         # The correctness check is the interpreter's warm-up; a second of each run is plenty.
