@@ -72,7 +72,7 @@ _SIG_GENERAL_GRAD_WEIGHT = "5P 21i"
 _SIG_ANY_NONFINITE = "P q P"
 _SIG_CHANNEL_REDUCE = "4P 3i"
 _SIG_GRAD_WEIGHT = "3P 11i"
-_SIG_PARTIAL_SUM = "2P 2i"
+_SIG_GRAD_WEIGHT_REDUCE = "2P 4i"
 _SIG_PACK = "2P 4i"
 _SIG_GRAD_X = "3P 11i"
 _SIG_GRAD_Z_FROM_OUTPUT = "10P 8i d"
@@ -403,7 +403,11 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
     grad_z = torch.empty((chunk, c_out, d, h, w), dtype=torch.int32, device=device)
     partial_bias = torch.empty((sum(grids_z), c_out), dtype=torch.float32, device=device)
     partial_multiplier = torch.empty_like(partial_bias)
-    partial_weight = (torch.empty((grid_w, weight.numel()), dtype=torch.float32, device=device)
+    # One partial per dweight block, in the kernel's accumulator order (16 x 32 x 27 slots per
+    # 32-output-channel chunk; grad_weight_reduce maps them back to weights).
+    co_chunks = math.ceil(c_out / 32)
+    weight_slots = co_chunks * _GRAD_WEIGHT_PARTIAL_SLOTS
+    partial_weight = (torch.empty((grid_w, weight_slots), dtype=torch.float32, device=device)
                       if want_weight else None)
     fragments = (torch.empty(27 * ksteps_out * ntiles * 64, dtype=torch.int32, device=device)
                  if want_x else None)
@@ -487,13 +491,17 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
     dweight = None
     if want_weight:
         dweight = torch.empty_like(weight)
-        _kernel("parity_backward.cu", "partial_sum_reduce", index, _SIG_PARTIAL_SUM).launch(
-            (min(math.ceil(weight.numel() / 32), 8 * sms), 1), _THREADS, stream,
-            (pwp, _address(dweight, stream), grid_w, weight.numel()))
+        _kernel("parity_backward.cu", "grad_weight_reduce", index,
+                _SIG_GRAD_WEIGHT_REDUCE).launch(
+            (min(math.ceil(weight_slots / 32), 8 * sms), 1), _THREADS, stream,
+            (pwp, _address(dweight, stream), grid_w, weight_slots, c_in, c_out))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 
 _raised_shared: set[tuple[int, int]] = set()
+#: grad_w_tile::kPartialSlots in parity_backward.cu: one 32-output-channel chunk's dweight
+#: partial of one block (27 taps x 4 accumulators x 128 threads).
+_GRAD_WEIGHT_PARTIAL_SLOTS = 27 * 4 * 128
 
 
 def _tf32_staging() -> tuple[int, int]:

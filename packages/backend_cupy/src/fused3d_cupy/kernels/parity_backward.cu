@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(128) parity_grad_x_tf32(
 // and keeps all 27 taps' 16 x 8 accumulators (input channels x its channels) in registers over
 // every tile it visits. Per tile (1 x 4 x 32 pooled positions) the block stages x at
 // {tile, tile + 1}^3 (TF32) and the packed grad_z of the tile; the GEMM's K runs over pooled
-// positions, 8 at a time along w. Each block writes its partial sums; partial_sum_reduce adds
+// positions, 8 at a time along w. Each block writes its partial sums; grad_weight_reduce adds
 // the partials in block order, so dweight is deterministic.
 namespace grad_w_tile {
 constexpr int TD = 1, TH = 4, TW = 32;
@@ -167,6 +167,12 @@ constexpr int XPOS = XD * XH * XW;
 constexpr int XS = ((XPOS + 3) / 8) * 8 + 4;
 constexpr int QPOS = TD * TH * TW;
 constexpr int ZS = QPOS + 4;
+// A block's partial, in accumulator order: slot (tap * 4 + r) * 128 + thread holds the
+// thread's accumulator r of that tap, so a warp's stores (and the next chunk's loads) are
+// 32 consecutive words. Weight order put 27 floats between lanes: one 32-byte sector per
+// lane. 27 taps x 4 x 128 threads = 16 input x 32 output channels x 27 (one y chunk).
+constexpr int kThreads = 128;
+constexpr int kPartialSlots = 27 * 4 * kThreads;
 }  // namespace grad_w_tile
 
 extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
@@ -262,8 +268,11 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
         }
     }
 
-    // C rows = input channels (g, g + 8), columns = output channels (2t, 2t + 1).
-    const int weights = Cin * Cout * 27;
+    // Every slot is written, padding channels too (their sums are 0: x and grad_z were staged
+    // as 0 there); grad_weight_reduce maps slots back to weights and skips the padding.
+    float* partial = partial_weight +
+                     ((long long)blockIdx.x * gridDim.y + blockIdx.y) * kPartialSlots +
+                     threadIdx.x;
 #pragma unroll
     for (int c = 0; c < 8; ++c)
 #pragma unroll
@@ -271,15 +280,10 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
             if (!class_uses_offset(c, a)) continue;
 #pragma unroll
             for (int r = 0; r < 4; ++r) {
-                const int ci = g + (r >= 2 ? 8 : 0);
-                const int co = co_block + warp * 8 + 2 * t + (r & 1);
-                if (ci < Cin && co < Cout) {
-                    float* out = partial_weight + (long long)blockIdx.x * weights +
-                                 ((long long)ci * Cout + co) * 27 + class_tap(c, a);
-                    // Batch-chunked backward: each launch adds one chunk to the same block's
-                    // partial, in chunk order (deterministic).
-                    *out = accumulate ? *out + acc[c][a][r] : acc[c][a][r];
-                }
+                float* out = partial + (class_tap(c, a) * 4 + r) * kThreads;
+                // Batch-chunked backward: each launch adds one chunk to the same block's
+                // partial, in chunk order (deterministic).
+                *out = accumulate ? *out + acc[c][a][r] : acc[c][a][r];
             }
         }
 }
@@ -362,12 +366,24 @@ extern "C" __global__ void __launch_bounds__(256) grad_z_from_output(
     }
 }
 
-// out[i] = sum over parts p of partial[p][i] in a fixed order (deterministic). Block = 32 outputs
-// x 8 part groups: group k adds parts k, k + 8, k + 16, ... (many loads in flight per output),
-// then the 8 group sums are added in group order.
-extern "C" __global__ void __launch_bounds__(256) partial_sum_reduce(const float* __restrict__ partial,
+// dweight from parity_grad_weight_tf32's partials: slot i summed over parts p (the blocks of
+// the x grid) in a fixed order (deterministic), then written to its weight (ci, co, tap), the
+// padding slots skipped. Block = 32 slots x 8 part groups: group k adds parts k, k + 8, k + 16,
+// ... (many loads in flight per slot), then the 8 group sums are added in group order.
+__device__ __forceinline__ long long grad_weight_of_slot(int i, int Cin, int Cout) {
+    using namespace grad_w_tile;
+    const int co_chunk = i / kPartialSlots, slot = i % kPartialSlots;
+    const int thread = slot % kThreads, tap = slot / (4 * kThreads), r = (slot / kThreads) % 4;
+    const int warp = thread >> 5, g = (thread & 31) >> 2, t = thread & 3;
+    // The mma C fragment: rows (input channels) g and g + 8, columns (output channels) 2t, 2t+1.
+    const int ci = g + (r >= 2 ? 8 : 0);
+    const int co = co_chunk * 32 + warp * 8 + 2 * t + (r & 1);
+    return (ci < Cin && co < Cout) ? ((long long)ci * Cout + co) * 27 + tap : -1;
+}
+
+extern "C" __global__ void __launch_bounds__(256) grad_weight_reduce(const float* __restrict__ partial,
                                                           float* __restrict__ out, int parts,
-                                                          int count) {
+                                                          int count, int Cin, int Cout) {
     __shared__ float group_sums[8][33];
     const int column = threadIdx.x & 31, group = threadIdx.x >> 5;
     for (int base = blockIdx.x * 32; base < count; base += gridDim.x * 32) {
@@ -383,7 +399,8 @@ extern "C" __global__ void __launch_bounds__(256) partial_sum_reduce(const float
             float total = group_sums[0][column];
 #pragma unroll
             for (int k = 1; k < 8; ++k) total += group_sums[k][column];
-            out[i] = total;
+            const long long weight = grad_weight_of_slot(i, Cin, Cout);
+            if (weight >= 0) out[weight] = total;
         }
         __syncthreads();
     }
