@@ -56,7 +56,7 @@ template <int NT>
 __global__ void __launch_bounds__(128) parity_grad_x_tf32(
     const unsigned int* __restrict__ grad_z_packed, const uint2* __restrict__ weight_fragments,
     float* __restrict__ grad_x, int N, int Cin, int Cout, int D, int H, int W, int ksteps,
-    int tiles_d, int tiles_h, int tiles_w, int async_staging) {
+    int tiles_d, int tiles_h, int tiles_w) {
     using namespace grad_x_tile;
     extern __shared__ unsigned int zs[];  // [ksteps * 8][CS]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -70,6 +70,8 @@ __global__ void __launch_bounds__(128) parity_grad_x_tf32(
     const long long spatial = (long long)D * H * W;  // pooled grid == input grid
 
     // Stage grad_z at pooled (d0 - 1 + qd, h0 - 1 + qh, w0 - 1 + qw); outside the grid: 0.
+    // cp.async copies the packed words as they are (already TF32 with the class bits), so
+    // staging them asynchronously gives the same bits as loads would, with all copies in flight.
     const int channels = ksteps * 8;
     for (int i = threadIdx.x; i < channels * QPOS; i += 128) {
         const int co = i / QPOS, pos = i % QPOS;
@@ -80,13 +82,9 @@ __global__ void __launch_bounds__(128) parity_grad_x_tf32(
             valid ? grad_z_packed + ((long long)n * Cout + co) * spatial + ((long long)gd * H + gh) * W +
                         gw
                   : grad_z_packed;
-        if (async_staging) {
-            stage_async<4>(zs + co * CS + pos, src, valid);
-        } else {
-            zs[co * CS + pos] = valid ? *src : 0u;
-        }
+        stage_async<4>(zs + co * CS + pos, src, valid);
     }
-    if (async_staging) stage_wait();
+    stage_wait();
     __syncthreads();
 
     float acc[2][NT][4];
@@ -228,13 +226,11 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
                 valid ? grad_z_packed + ((long long)n * Cout + co) * spatial +
                             ((long long)gd * H + gh) * W + gw
                       : grad_z_packed;
-            if (async_staging) {
-                stage_async<4>(zs + co_l * ZS + pos, src, valid);
-            } else {
-                zs[co_l * ZS + pos] = valid ? *src : 0u;
-            }
+            // The packed words are already TF32: raw asynchronous copies are exact (only x,
+            // which must be rounded, depends on async_staging).
+            stage_async<4>(zs + co_l * ZS + pos, src, valid);
         }
-        if (async_staging) stage_wait();
+        stage_wait();
         __syncthreads();
 
 #pragma unroll 1
@@ -408,7 +404,7 @@ extern "C" __global__ void __launch_bounds__(256) grad_weight_reduce(const float
 
 #ifndef __CUDACC_RTC__
 template __global__ void parity_grad_x_tf32<1>(const unsigned int*, const uint2*, float*, int, int,
-                                               int, int, int, int, int, int, int, int, int);
+                                               int, int, int, int, int, int, int, int);
 template __global__ void parity_grad_x_tf32<2>(const unsigned int*, const uint2*, float*, int, int,
-                                               int, int, int, int, int, int, int, int, int);
+                                               int, int, int, int, int, int, int, int);
 #endif
