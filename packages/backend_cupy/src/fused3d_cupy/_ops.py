@@ -34,12 +34,12 @@ _EXACT_CHANNELS = {torch.float64: 4}
 #: Depth rows of the exact parity kernel's tile (1: two blocks per SM overlap staging and
 #: arithmetic; 2: one block of 8 warps with less halo; same bits either way).
 EXACT_ROWS = int(os.environ.get("FUSED3D_CUPY_EXACT_ROWS", "2"))
-#: TF32 backward kernels: stage x tiles with cp.async (all copies of a tile in flight at once)
-#: instead of load-then-store loops. Off by default: the raw copies reach the tensor cores
-#: truncated to TF32 instead of rounded, which measured about twice the gradient error (over
-#: the suite's TF32 tolerance at the benchmark size). (The forward, parity_forward_tc, always
-#: copies by cp.async and then rounds to TF32 in shared memory; packed grad_z tiles, already
-#: TF32, are always copied by cp.async.)
+#: The grad_z recompute (parity_tf32, used when y is not saved): stage x tiles with cp.async (all
+#: copies of a tile in flight at once) instead of load-then-store loops. Off by default: the raw
+#: copies reach the tensor cores truncated to TF32 instead of rounded, which measured about twice
+#: the gradient error (over the suite's TF32 tolerance at the benchmark size). (The forward,
+#: parity_forward_tc, and the dweight kernel always copy by cp.async and then round to TF32 in
+#: shared memory; packed grad_z tiles, already TF32, are always copied by cp.async.)
 ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_ASYNC_STAGING", "0") == "1"
 #: Exact (IEEE fp32 / float64) kernel: cp.async staging copies the same values, so it is on.
 EXACT_ASYNC_STAGING = os.environ.get("FUSED3D_CUPY_EXACT_ASYNC_STAGING", "1") == "1"
@@ -72,7 +72,7 @@ _SIG_GENERAL_ADJOINT = "4P 18i"
 _SIG_GENERAL_GRAD_WEIGHT = "5P 21i"
 _SIG_ANY_NONFINITE = "P q P"
 _SIG_CHANNEL_REDUCE = "4P 3i"
-_SIG_GRAD_WEIGHT = "3P 11i"
+_SIG_GRAD_WEIGHT = "3P 10i"
 _SIG_GRAD_WEIGHT_REDUCE = "2P 4i"
 _SIG_PACK = "2P 4i"
 _SIG_GRAD_X = "3P 10i"
@@ -473,7 +473,7 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
         if want_weight:
             grad_weight_kernel.launch(
                 (grid_w, math.ceil(c_out / 32)), 128, stream,
-                (x_at, zp, pwp, *dims, *tiles_w, int(ASYNC_STAGING), int(step > 0)))
+                (x_at, zp, pwp, *dims, *tiles_w, int(step > 0)))
         # 3. dx of the chunk: implicit GEMM over (offset, class) blocks.
         if want_x:
             grad_x_kernel.launch(

@@ -176,7 +176,7 @@ constexpr int kPartialSlots = 27 * 4 * kThreads;
 extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
     const float* __restrict__ x, const unsigned int* __restrict__ grad_z_packed,
     float* __restrict__ partial_weight, int N, int Cin, int Cout, int D, int H, int W, int tiles_d,
-    int tiles_h, int tiles_w, int async_staging, int accumulate) {
+    int tiles_h, int tiles_w, int accumulate) {
     using namespace grad_w_tile;
     __shared__ unsigned int xs[16 * XS];
     __shared__ unsigned int zs[32 * ZS];
@@ -210,11 +210,7 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
             const bool valid = ci < Cin && gd < D && gh < H && gw < W;
             const float* src =
                 valid ? xn + (long long)ci * spatial + ((long long)gd * H + gh) * W + gw : xn;
-            if (async_staging) {
-                stage_async<4>(xs + ci * XS + pos, src, valid);
-            } else {
-                xs[ci * XS + pos] = to_tf32(valid ? *src : 0.0f);
-            }
+            stage_async<4>(xs + ci * XS + pos, src, valid);  // raw fp32, rounded below
         }
         for (int i = threadIdx.x; i < 32 * QPOS; i += 128) {
             const int co_l = i / QPOS, pos = i % QPOS;
@@ -226,11 +222,17 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
                 valid ? grad_z_packed + ((long long)n * Cout + co) * spatial +
                             ((long long)gd * H + gh) * W + gw
                       : grad_z_packed;
-            // The packed words are already TF32: raw asynchronous copies are exact (only x,
-            // which must be rounded, depends on async_staging).
+            // The packed words are already TF32 with the class bits: copied as they are.
             stage_async<4>(zs + co_l * ZS + pos, src, valid);
         }
         stage_wait();
+        __syncthreads();
+        // x to TF32, rounded to nearest in place (the tensor cores would truncate raw fp32):
+        // every copy of the tile is in flight at once, and the operands keep the rounding.
+        for (int i = threadIdx.x; i < 16 * XPOS; i += 128) {
+            unsigned int* value = xs + (i / XPOS) * XS + i % XPOS;
+            *value = to_tf32(__uint_as_float(*value));
+        }
         __syncthreads();
 
 #pragma unroll 1
