@@ -83,13 +83,6 @@ def _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, TAP: tl.constexpr):
 
 
 @triton.jit
-def _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, TAP: tl.constexpr):
-    """[BLOCK_CO, BLOCK_CI] = w[:, :, tap]^T (for dx)."""
-    return tl.load(w_ptr + (co * 27 + TAP)[:, None] + (ci * (C_out * 27))[None, :],
-                   mask=co_mask[:, None] & ci_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
             OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr):
     """[BLOCK_M, BLOCK_CI] = x[n, :, m + (OD, OH, OW)], zero past the far edge."""
@@ -128,9 +121,90 @@ def _class_grads(z, bias, mult, slope, g, winner, C: tl.constexpr):
 
 
 @triton.jit
-def _store_dw_tap(part_ptr, acc, ci, ci_mask, co, co_mask, C_out, TAP: tl.constexpr):
-    tl.store(part_ptr + (ci * (C_out * 27) + TAP)[:, None] + co[None, :] * 27, acc,
-             mask=ci_mask[:, None] & co_mask[None, :])
+def _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, TAP: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_CO, BLOCK_CI] = w[:, :, tap]^T from the dx kernel's [27, C_out, C_in] copy."""
+    tap = tl.load(wt_ptr + TAP * C_out * C_in + wt_offsets, mask=wt_mask, other=0.0)
+    return _as_tf32(tap.to(tl.float32), PRECISION)
+
+
+@triton.jit
+def _add_channel_partials(db_ptr, dm_ptr, pid, C_out, co, co_mask, db, dm,
+                          ACCUMULATE: tl.constexpr):
+    """This program's dbias / dmultiplier channel partials; added to its earlier chunks."""
+    slot = pid * C_out + co
+    if ACCUMULATE:
+        db = tl.load(db_ptr + slot, mask=co_mask, other=0.0) + db
+        dm = tl.load(dm_ptr + slot, mask=co_mask, other=0.0) + dm
+    tl.store(db_ptr + slot, db, mask=co_mask)
+    tl.store(dm_ptr + slot, dm, mask=co_mask)
+
+
+@triton.jit
+def _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, cls, need,
+                  C_in, C_out, spatial, D, H, W,
+                  OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr):
+    """z + the conv terms that x[m + (OD, OH, OW)] gives class ``cls`` at pooled m, summed
+    directly in fp32 for the ``need`` elements. An offset shifts only odd-parity axes; per
+    axis the tap is 1 for an even class, 2 (offset 0) or 0 (offset 1) for an odd one."""
+    inside = m_mask & (m_d + OD < D) & (m_h + OH < H) & (m_w + OW < W)
+    shift: tl.constexpr = OD * 4 + OH * 2 + OW
+    use = need & ((cls & shift) == shift) & inside[:, None]
+    tap_d = tl.where(((cls >> 2) & 1) == 0, 1, 2 - 2 * OD)
+    tap_h = tl.where(((cls >> 1) & 1) == 0, 1, 2 - 2 * OH)
+    tap_w = tl.where((cls & 1) == 0, 1, 2 - 2 * OW)
+    w_offsets = co[None, :] * 27 + (tap_d * 3 + tap_h) * 3 + tap_w
+    x_offsets = x_row + (OD * H + OH) * W + OW
+    for ci in range(C_in):
+        xv = tl.load(x_ptr + x_offsets + ci * spatial, mask=inside, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + ci * (C_out * 27) + w_offsets, mask=use, other=0.0).to(tl.float32)
+        z += tl.where(use, xv[:, None] * wv, 0.0)
+    return z
+
+
+@triton.jit
+def _dz_from_output(g, y, winner, mask, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co,
+                    bias, mult, m_usable, slope, C_in, C_out, spatial, D, H, W,
+                    Y_MIN_NORMAL: tl.constexpr):
+    """(dz, g * y, dm) of each window's winner from the saved y, elementwise.
+
+    Why y suffices (slope s > 0, checked by the host): y = leaky(v), v = m * leaky(z), so
+    sign(y) = sign(v) = sign(m) * sign(z) gives leaky'(v) and leaky'(z), and
+    leaky'(v) * leaky(z) = y / m (dmultiplier's term; g * y is summed here, divided by m once
+    per program). That needs y normal and finite and |m| in [2**-100, 2**100]; every other
+    element (y zero, subnormal, inf or NaN; an unusable m) recomputes z by direct summation,
+    only in the blocks that have one, and takes the winner kernel's formulas."""
+    m = mult[None, :]
+    settled = m_usable[None, :] & (tl.abs(y) >= Y_MIN_NORMAL) & (tl.abs(y) < float("inf"))
+    factor_v_positive = m * tl.where(m > 0, 1.0, slope)
+    factor_v_negative = slope * m * tl.where(m > 0, slope, 1.0)
+    dz = g * tl.where(y > 0, factor_v_positive, factor_v_negative)
+    gy = tl.where(settled & mask, g * y, 0.0)
+    dm = tl.zeros_like(g)
+    need = mask & (settled == 0)
+    if tl.max(need.to(tl.int32)) > 0:
+        z = tl.zeros_like(g)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 0, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 0, 1)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 1, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 1, 1)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 0, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 0, 1)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 1, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 1, 1)
+        z = z + bias[None, :]
+        inner = _leaky(z, slope)
+        g_outer = g * _leaky_grad(m * inner, slope)
+        dz = tl.where(need, g_outer * m * _leaky_grad(z, slope), dz)
+        dm = tl.where(need, g_outer * inner, 0.0)
+    return tl.where(mask, dz, 0.0), gy, dm
 '''
 
 
@@ -183,21 +257,20 @@ def parity_forward_kernel(
     return "".join(lines)
 
 
-def gen_backward():
+def gen_winner():
     lines = ['''
 
 @triton.jit
-def parity_backward_kernel(
-    gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, dw_part_ptr, db_part_ptr, dm_part_ptr,
+def parity_winner_kernel(
+    gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, db_part_ptr, dm_part_ptr,
     N, C_in, C_out, D, H, W, m_stride, negative_slope,
-    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, ACCUMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """Fused backward, persistent: recompute the 8 class values, keep the winner's dz (stored
-    for dx) and dm, and accumulate this program's partials of dweight (tap t gets
-    x_offset(t)^T @ dz of its class: only that class's winners are non-zero there), dbias and
-    dmultiplier. Partials are summed afterwards in a fixed order: deterministic."""
+    """dz without y (y not saved, or a slope outside [2**-10, 2**10]), persistent: recompute
+    the 8 class values as the forward does, keep each window winner's dz (stored for the dx
+    and dweight kernels) and add this program's dbias / dmultiplier partials to its slot."""
     pid = tl.program_id(0)
     spatial = D * H * W
     blocks_per_image = tl.cdiv(spatial, BLOCK_M)
@@ -210,8 +283,6 @@ def parity_backward_kernel(
 ''']
     for k in TAPS:
         lines.append(f"    {tap_name(k)} = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)}), PRECISION)\n")
-    for k in TAPS:
-        lines.append(f"    d{tap_name(k)} = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)\n")
     lines.append('''    db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
     dm_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
 
@@ -236,24 +307,120 @@ def parity_backward_kernel(
             lines.append(f"        z = _dot({off_name(tap_offset(k))}, {tap_name(k)}, z, PRECISION)\n")
         lines.append(f"        dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, {c})\n")
         lines.append("        dz += dz_c\n        dm += dm_c\n")
-        lines.append("        if COMPUTE_DW:\n")
-        lines.append("            dz_operand = _as_tf32(dz_c, PRECISION)\n")
-        for k in taps:
-            lines.append(f"            d{tap_name(k)} = _dot(tl.trans({off_name(tap_offset(k))}.to(tl.float32)), dz_operand, "
-                         f"d{tap_name(k)}, PRECISION)\n")
     lines.append('''        if STORE_DZ:
             tl.store(dz_ptr + out, dz, mask=mask)
         db_acc += tl.sum(dz, axis=0)
         dm_acc += tl.sum(dm, axis=0)
 
-    tl.store(db_part_ptr + pid * C_out + co, db_acc, mask=co_mask)
-    tl.store(dm_part_ptr + pid * C_out + co, dm_acc, mask=co_mask)
-    if COMPUTE_DW:
-        part = dw_part_ptr + pid * (C_in * C_out * 27)
+    _add_channel_partials(db_part_ptr, dm_part_ptr, pid, C_out, co, co_mask, db_acc, dm_acc,
+                          ACCUMULATE)
 ''')
-    for k in TAPS:
-        lines.append(f"        _store_dw_tap(part, d{tap_name(k)}, ci, ci_mask, co, co_mask, C_out, {flat(k)})\n")
     return "".join(lines)
+
+
+DZ_DW_KERNELS = '''
+
+@triton.jit
+def parity_dz_kernel(
+    gy_ptr, y_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, db_part_ptr, dm_part_ptr,
+    N, C_in, C_out, D, H, W, m_stride, negative_slope,
+    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, ACCUMULATE: tl.constexpr,
+    Y_MIN_NORMAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dz of each window's winner from the saved y, elementwise and persistent (see
+    ``_dz_from_output``); stored for the dx and dweight kernels when STORE_DZ, with this
+    program's dbias / dmultiplier partials added to its slot."""
+    pid = tl.program_id(0)
+    spatial = D * H * W
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
+    co = tl.arange(0, BLOCK_CO)
+    co_mask = co < C_out
+    slope = _slope(negative_slope, m_ptr, False)  # m_ptr: unused (not float64)
+    bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
+    # Channels whose m lets y settle the derivative: |m| in [2**-100, 2**100] (so not NaN).
+    m_usable = (tl.abs(mult) >= 7.888609052210118e-31) & (tl.abs(mult) <= 1.2676506002282294e30)
+    db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    gy_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    dm_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    for block in range(pid, N * blocks_per_image, tl.num_programs(0)):
+        n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
+        out = (n64 * C_out * spatial + s)[:, None] + co[None, :] * spatial
+        mask = m_mask[:, None] & co_mask[None, :]
+        winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
+        g = tl.load(gy_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        dz, gy_term, dm_term = _dz_from_output(
+            g, y, winner, mask, x_ptr, w_ptr, n64 * C_in * spatial + s, m_d, m_h, m_w, m_mask,
+            co, bias, mult, m_usable, slope, C_in, C_out, spatial, D, H, W, Y_MIN_NORMAL)
+        if STORE_DZ:
+            tl.store(dz_ptr + out, dz, mask=mask)
+        db_acc += tl.sum(dz, axis=0)
+        gy_acc += tl.sum(gy_term, axis=0)
+        dm_acc += tl.sum(dm_term, axis=0)
+    # The settled elements carried g * y = g * leaky'(v) * leaky(z) * m: divided by m once.
+    dm_acc += tl.where(m_usable, gy_acc / mult, 0.0)
+    _add_channel_partials(db_part_ptr, dm_part_ptr, pid, C_out, co, co_mask, db_acc, dm_acc,
+                          ACCUMULATE)
+
+
+@triton.jit
+def parity_dw_kernel(
+    dz_ptr, idx_ptr, x_ptr, dw_part_ptr,
+    N, C_in, C_out, D, H, W,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dweight partials, persistent: one slot per program, added to chunk after chunk.
+
+    Tap t(c, o) of class c and offset o gets x[m + o]^T @ dz_c[m], where dz_c is dz at the
+    windows class c won. All of them come from ONE dot per block: the 8 shifted x tiles
+    stacked as rows (offset, input channel) [8 * BLOCK_CI, BLOCK_M] times dz spread by class
+    into columns (class, output channel) [BLOCK_M, 8 * BLOCK_CO] (zero where another class
+    won). 27 of the 64 (offset, class) blocks are taps (o's axes odd in c); the rest is waste,
+    but one large dot ran 2x faster on the H100 than 27 small ones (or one per class), which
+    Triton serialises. Only the 27 tap blocks are stored."""
+    slot = tl.program_id(0)
+    spatial = D * H * W
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
+    rows = tl.arange(0, 8 * BLOCK_CI)
+    offset = rows // BLOCK_CI
+    ci = rows % BLOCK_CI
+    off_d = (offset >> 2) & 1
+    off_h = (offset >> 1) & 1
+    off_w = offset & 1
+    row_shift = ci * spatial + (off_d * H + off_h) * W + off_w
+    cols = tl.arange(0, 8 * BLOCK_CO)
+    cls = cols // BLOCK_CO
+    co = cols % BLOCK_CO
+    co_mask = co < C_out
+    acc = tl.zeros([8 * BLOCK_CI, 8 * BLOCK_CO], dtype=tl.float32)
+    for block in range(slot, N * blocks_per_image, tl.num_programs(0)):
+        n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
+        inside = ((ci < C_in)[:, None] & m_mask[None, :] & (m_d[None, :] + off_d[:, None] < D)
+                  & (m_h[None, :] + off_h[:, None] < H) & (m_w[None, :] + off_w[:, None] < W))
+        x_stack = tl.load(x_ptr + n64 * C_in * spatial + row_shift[:, None] + s[None, :],
+                          mask=inside, other=0.0).to(tl.float32)
+        out = (n64 * C_out * spatial + s)[:, None] + co[None, :] * spatial
+        mask = m_mask[:, None] & co_mask[None, :]
+        winner = tl.load(idx_ptr + out, mask=mask, other=8)
+        dz = tl.load(dz_ptr + out, mask=mask, other=0.0)
+        dz_by_class = _as_tf32(tl.where(winner == cls[None, :], dz, 0.0), PRECISION)
+        acc = _dot(_as_tf32(x_stack, PRECISION), dz_by_class, acc, PRECISION)
+    # Per axis the tap is 1 where c is even, 2 (offset 0) or 0 (offset 1) where c is odd.
+    cls = cls[None, :]
+    tap_d = tl.where(((cls >> 2) & 1) == 0, 1, 2 - 2 * off_d[:, None])
+    tap_h = tl.where(((cls >> 1) & 1) == 0, 1, 2 - 2 * off_h[:, None])
+    tap_w = tl.where((cls & 1) == 0, 1, 2 - 2 * off_w[:, None])
+    tap = (tap_d * 3 + tap_h) * 3 + tap_w
+    part = dw_part_ptr + ((slot * 27 + tap) * C_in + ci[:, None]) * C_out + co[None, :]
+    is_tap = (cls & offset[:, None]) == offset[:, None]
+    part_mask = is_tap & (ci < C_in)[:, None] & co_mask[None, :]
+    if ACCUMULATE:
+        acc = tl.load(part, mask=part_mask, other=0.0) + acc
+    tl.store(part, acc, mask=part_mask)
+'''
 
 
 def gen_dx():
@@ -261,40 +428,42 @@ def gen_dx():
 
 @triton.jit
 def parity_dx_kernel(
-    dz_ptr, idx_ptr, w_ptr, dx_ptr,
+    dz_ptr, idx_ptr, wt_ptr, dx_ptr,
     N, C_in, C_out, D, H, W,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """dx, persistent: the forward read x[m + offset(t)] with tap t for pooled m, so input q
-    receives dz[q - offset(t)] @ w[:, :, t]^T where that window's winner is t's class."""
+    """dx, persistent: the forward read x[m + o] with tap t(c, o) for class c at pooled m, so
+    input q receives dz[q - o] @ w[:, :, t]^T where window q - o was won by class c. Per block
+    the 8 shifted dz tiles are read once each; the weight taps come from ``wt_ptr``
+    ([27, C_out, C_in], small enough to stay in L1) at each use instead of being held in
+    registers for the whole program (27 resident taps spilled)."""
     spatial = D * H * W
     blocks_per_image = tl.cdiv(spatial, BLOCK_M)
     ci = tl.arange(0, BLOCK_CI)
     ci_mask = ci < C_in
     co = tl.arange(0, BLOCK_CO)
     co_mask = co < C_out
-''']
-    for k in TAPS:
-        lines.append(f"    {tap_name(k)} = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, {flat(k)}), PRECISION)\n")
-    lines.append('''
+    wt_offsets = co[:, None] * C_in + ci[None, :]
+    wt_mask = co_mask[:, None] & ci_mask[None, :]
+
     for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
         n64, s, q_mask, q_d, q_h, q_w = _image_block(block, blocks_per_image, spatial, H, W,
                                                      BLOCK_M)
         row = n64 * C_out * spatial + s
-''')
+        acc = tl.zeros([BLOCK_M, BLOCK_CI], dtype=tl.float32)
+''']
     for o in OFFSETS:
-        for kind, ptr, other, conv in (("g", "dz_ptr", "0.0", ""), ("i", "idx_ptr", "8", ".to(tl.int32)")):
-            load = (f"_dz_tile({ptr}, row, q_d, q_h, q_w, q_mask, co, co_mask, "
-                    f"spatial, H, W,\n{' ' * 12}{other}, {o[0]}, {o[1]}, {o[2]}){conv}")
-            if kind == "g":
-                load = f"_as_tf32({load}, PRECISION)"
-            lines.append(f"        {off_name(o, kind)} = {load}\n")
-    lines.append("        acc = tl.zeros([BLOCK_M, BLOCK_CI], dtype=tl.float32)\n")
-    for k in TAPS:
-        o = tap_offset(k)
-        lines.append(f"        acc = _dot(tl.where({off_name(o, 'i')} == {tap_class(k)}, {off_name(o, 'g')}, 0.0), "
-                     f"{tap_name(k)}, acc,\n{' ' * 19}PRECISION)\n")
+        lines.append(f"        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,\n"
+                     f"{' ' * 30}{o[0]}, {o[1]}, {o[2]}), PRECISION)\n")
+        lines.append(f"        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,\n"
+                     f"{' ' * 26}{o[0]}, {o[1]}, {o[2]})\n")
+        for k in TAPS:
+            if tap_offset(k) != o:
+                continue
+            lines.append(f"        acc = _dot(tl.where(winner == {tap_class(k)}, dz, 0.0),\n"
+                         f"{' ' * 19}_wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, {flat(k)}, PRECISION),\n"
+                         f"{' ' * 19}acc, PRECISION)\n")
     lines.append('''        out = (n64 * C_in * spatial + s)[:, None] + ci[None, :] * spatial
         tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty),
                  mask=q_mask[:, None] & ci_mask[None, :])
@@ -307,7 +476,7 @@ TARGET = Path(__file__).resolve().parents[1] / "src" / "fused3d_triton" / "parit
 
 def render() -> str:
     """The full text of parity_kernels.py (the suite checks the shipped file against it)."""
-    return HEADER + gen_forward() + gen_backward() + gen_dx()
+    return HEADER + gen_forward() + gen_winner() + DZ_DW_KERNELS + gen_dx()
 
 
 def main() -> None:

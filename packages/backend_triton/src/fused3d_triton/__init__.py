@@ -65,7 +65,8 @@ class TritonBackend(BackendBase):
         # with fake tensors, so there the ops are opaque custom ops instead (still one graph
         # node each: no graph break).
         factory = "custom_op" if _interpreting() else "triton_op"
-        define_python_ops(NAMESPACE, triton_forward, triton_backward, factory=factory)
+        define_python_ops(NAMESPACE, triton_forward, triton_backward, factory=factory,
+                          saves_output=True)
 
     def versions(self) -> dict[str, str]:
         versions = {"torch": torch.__version__}

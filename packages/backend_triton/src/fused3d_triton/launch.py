@@ -148,16 +148,24 @@ _PARITY_FORWARD_CONFIGS = [
     for bm in (64, 128)
     for nw in (4, 8)
 ]
-# The fused backward compiles slowly (27 taps, 27 dweight accumulators): two candidates.
-_PARITY_BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=1),
+# The winner kernel compiles slowly (27 taps): few candidates.
+_PARITY_WINNER_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=4, num_stages=1) for bm in (32, 64)
+]
+# dweight's one dot per block has a [128, 256] accumulator at 16 x 32 channels: 8 warps. On the
+# H100 (one 4-image chunk, see the triton NOTES) BLOCK_M 64 took 57 us, 32 took 63 us, 4 warps
+# twice as long, and more stages were slower.
+_PARITY_DW_CONFIGS = [
+    triton.Config({"BLOCK_M": bm}, num_warps=8, num_stages=1) for bm in (32, 64)
 ]
 _PARITY_DX_CONFIGS = [
     triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=1)
     for bm in (64, 128)
     for nw in (4, 8)
 ]
+# Fixed configs (small problems, the interpreter, graph capture without a tuned config) run one
+# stage: Triton's default of 3 multi-buffers the unrolled taps' operands, and the dx kernel then
+# asked for 244 KB of shared memory on the H100 (over its 227 KB).
 _DX_CONFIGS = [
     triton.Config({"BLOCK_I": bi, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
     for bi in (64, 128)
@@ -170,9 +178,14 @@ _SHAPE_KEY = ["C_in", "C_out", "D", "H", "W", "PRECISION"]
 parity_forward_tuned = triton.autotune(
     _PARITY_FORWARD_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS"]
 )(parity_kernels.parity_forward_kernel)
-parity_backward_tuned = triton.autotune(
-    _PARITY_BACKWARD_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS", "STORE_DZ", "COMPUTE_DW"]
-)(parity_kernels.parity_backward_kernel)
+# ACCUMULATE is left out of the backward kernels' keys: a chunk after the first adds to the
+# partials, so it must never time candidates on them (see _launch_tuned's ``tune``).
+parity_winner_tuned = triton.autotune(
+    _PARITY_WINNER_CONFIGS, key=["N", *_SHAPE_KEY, "HAS_BIAS", "STORE_DZ"]
+)(parity_kernels.parity_winner_kernel)
+parity_dw_tuned = triton.autotune(
+    _PARITY_DW_CONFIGS, key=["N", *_SHAPE_KEY]
+)(parity_kernels.parity_dw_kernel)
 parity_dx_tuned = triton.autotune(
     _PARITY_DX_CONFIGS, key=["N", *_SHAPE_KEY]
 )(parity_kernels.parity_dx_kernel)
@@ -190,17 +203,19 @@ AUTOTUNE_MIN_POSITIONS = 1 << 16
 
 
 def _launch_tuned(tuned, grid_fn, args: tuple, kwargs: dict, x: torch.Tensor,
-                  fallback: triton.Config) -> None:
+                  fallback: triton.Config, tune: bool = True) -> None:
     """Launch an autotuned kernel; with one fixed config where autotuning cannot run.
 
     Autotuning times candidates with host syncs: impossible under the interpreter (and
     pointless there) and inside CUDA-graph capture. While capturing, the config tuned by the
-    warm-up call (best_config) is reused, so nothing new is compiled inside the capture.
+    warm-up call (best_config) is reused, so nothing new is compiled inside the capture; so it
+    is with ``tune=False``, for launches that add to their outputs (timing candidates would
+    add several times).
     """
     kernel = tuned.fn
     if _on_gpu(x) and x.numel() // max(1, x.shape[1]) < AUTOTUNE_MIN_POSITIONS:
         tuned = None
-    if tuned is not None and _on_gpu(x) and not _capturing():
+    if tuned is not None and _on_gpu(x) and tune and not _capturing():
         wrap_triton(tuned)[grid_fn](*args, **kwargs)
         return
     config = fallback
@@ -344,14 +359,15 @@ def triton_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``fused3d_triton::backward``: (dx, dweight, dbias, dmultiplier); unwanted ones empty.
 
-    ``y`` is not read (registered without ``saves_output``): the winner kernel recomputes z.
+    The fast path reads the saved ``y`` (registered with ``saves_output``) for each winner's
+    dz; the general path recomputes z and ignores it.
     """
     with _device_of(x):
-        return _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+        return _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
                          output_padding, negative_slope, allow_tf32, output_mask)
 
 
-def _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding,
+def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
               output_padding, negative_slope, allow_tf32, output_mask):
     want_x, want_weight, want_bias, want_multiplier = output_mask
     want_bias = bool(want_bias) and bias is not None
@@ -383,27 +399,13 @@ def _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding
     precision = _precision(x, allow_tf32)
     slope = float(negative_slope)
     is_fp64 = x.dtype == torch.float64
-    dz = torch.empty(window_index.shape, dtype=compute, device=x.device)
 
     if _uses_parity_path(x, weight, config):
-        block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
-        programs = _num_sms(x)
-        dw_partials = x.new_empty((programs, c_in, c_out, 27), dtype=torch.float32) if (
-            want_weight) else dz
-        db_partials = x.new_empty((programs, c_out), dtype=torch.float32)
-        dm_partials = x.new_empty((programs, c_out), dtype=torch.float32)
-        args = (grad_y, window_index, x, weight, bias_arg, multiplier, dz, dw_partials,
-                db_partials, dm_partials, n, c_in, c_out, d, h, w, m_stride, slope)
-        flags = {"HAS_BIAS": has_bias, "STORE_DZ": bool(want_x),
-                 "COMPUTE_DW": bool(want_weight), "PRECISION": precision}
-        _launch_tuned(
-            parity_backward_tuned, lambda meta: (programs,), args,
-            {**flags, "BLOCK_CI": block_ci, "BLOCK_CO": block_co},
-            x, triton.Config({"BLOCK_M": 32 if _on_gpu(x) else 64}, num_warps=4),
-        )
-        if want_weight:
-            dweight = dw_partials.sum(dim=0).reshape(weight.shape).to(weight.dtype)
+        dx, dweight, db_partials, dm_partials = _parity_backward(
+            grad_y, y, window_index, x, weight, bias_arg, has_bias, multiplier, m_stride, slope,
+            precision, want_x, want_weight)
     else:
+        dz = torch.empty(window_index.shape, dtype=compute, device=x.device)
         dp, hp, wp = window_index.shape[2:]
         p_total = n * dp * hp * wp
         taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
@@ -422,21 +424,104 @@ def _backward(grad_y, window_index, x, weight, bias, multiplier, stride, padding
             dweight = _launch_general_dw(
                 dz, window_index, x, weight.shape, config, precision, is_fp64
             ).to(weight.dtype)
-
-    if want_x:
-        dx = torch.empty_like(x)
-        if _uses_parity_path(x, weight, config):
-            _launch_tuned(
-                parity_dx_tuned, _persistent_grid(x, n * d * h * w, 2),
-                (dz, window_index, weight, dx, n, c_in, c_out, d, h, w),
-                {"PRECISION": precision, "BLOCK_CI": _pow2(c_in, 16, 32),
-                 "BLOCK_CO": _pow2(c_out, 16, 64)},
-                x, triton.Config({"BLOCK_M": 64 if _on_gpu(x) else 128}, num_warps=4),
-            )
-        else:
+        if want_x:
+            dx = torch.empty_like(x)
             _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64)
+    # Channel partials: summed over their slots in a fixed order (deterministic).
     if want_bias:
         dbias = finish_channel_grad(db_partials.sum(dim=0), bias)
     if want_multiplier:
         dmultiplier = finish_channel_grad(dm_partials.sum(dim=0), multiplier)
     return dx, dweight, dbias, dmultiplier
+
+
+#: The parity backward runs over batch chunks whose fp32 dz scratch is at most this many bytes
+#: (the benchmark problem: 4 images of 2 MiB), so that a training step's extra memory stays
+#: under DESIGN's 80 MiB: y, the index, dx and the dz of the whole batch were 95 MiB. The
+#: environment variable exists for tests (1: one image per chunk).
+BACKWARD_CHUNK_BYTES = int(os.environ.get("FUSED3D_TRITON_BACKWARD_CHUNK_BYTES", str(8 << 20)))
+
+#: y settles the derivative only for a slope in this range (see parity_kernels._dz_from_output:
+#: slope * slope * m must stay a normal number for every m the kernel trusts).
+_DZ_FROM_Y_SLOPES = (2.0**-10, 2.0**10)
+
+
+def _parity_backward(grad_y, y, window_index, x, weight, bias_arg, has_bias, multiplier,
+                     m_stride, slope, precision, want_x, want_weight):
+    """The fast-path backward: (dx, dweight, dbias partials, dmultiplier partials).
+
+    Per chunk of images: ``parity_dz_kernel`` turns grad_y and y into each winner's dz
+    (elementwise) with the dbias / dmultiplier partials (without a usable y,
+    ``parity_winner_kernel`` recomputes the conv instead); ``parity_dw_kernel`` adds the
+    dweight partials and ``parity_dx_kernel`` gathers dx, both from that dz. Partials live in
+    one slot per persistent program, added to chunk after chunk and summed over the slots at
+    the end: a fixed order, deterministic.
+    """
+    n, c_in, d, h, w = x.shape
+    c_out = weight.shape[1]
+    spatial = d * h * w
+    on_gpu = _on_gpu(x)
+    # Half types: the backward's dots take fp32 dz (rounded to TF32), x and w (exact in TF32).
+    grad_precision = "tf32" if (x.dtype != torch.float32 and on_gpu) else precision
+    from_y = y is not None and _DZ_FROM_Y_SLOPES[0] <= slope <= _DZ_FROM_Y_SLOPES[1]
+    chunk = max(1, min(n, BACKWARD_CHUNK_BYTES // max(1, 4 * c_out * spatial)))
+    block_ci, block_co = _pow2(c_in, 16, 32), _pow2(c_out, 16, 64)
+    blocks = {"BLOCK_CI": block_ci, "BLOCK_CO": block_co}
+    # Slots of partials: one per persistent program. The elementwise dz kernel runs several
+    # programs per SM to keep enough loads in flight.
+    channel_slots = _num_sms(x) * (4 if from_y and on_gpu else 1)
+    weight_slots = _num_sms(x)
+    store_dz = want_x or want_weight
+    dz = x.new_empty((chunk, c_out, d, h, w), dtype=torch.float32) if store_dz else grad_y
+    dw_partials = (x.new_empty((weight_slots, 27, c_in, c_out), dtype=torch.float32)
+                   if want_weight else grad_y)
+    db_partials = x.new_empty((channel_slots, c_out), dtype=torch.float32)
+    dm_partials = x.new_empty((channel_slots, c_out), dtype=torch.float32)
+    dx = torch.empty_like(x) if want_x else skipped_grad(x)
+    # dx reads the taps transposed, [27, C_out, C_in] (55 KB at 16 x 32: stays in L1).
+    weight_t = weight.permute(2, 3, 4, 1, 0).reshape(27, c_out, c_in).contiguous() if (
+        want_x) else weight
+    y_min_normal = 6.103515625e-05 if x.dtype == torch.float16 else 1.1754943508222875e-38
+
+    for n0 in range(0, n, chunk):
+        images = slice(n0, min(n, n0 + chunk))
+        count = images.stop - n0
+        x_c, gy_c, idx_c = x[images], grad_y[images], window_index[images]
+        accumulate = n0 > 0
+        if from_y:
+            wrap_triton(parity_kernels.parity_dz_kernel)[(channel_slots,)](
+                gy_c, y[images], idx_c, x_c, weight, bias_arg, multiplier, dz, db_partials,
+                dm_partials, count, c_in, c_out, d, h, w, m_stride, slope,
+                HAS_BIAS=has_bias, STORE_DZ=store_dz, ACCUMULATE=accumulate,
+                Y_MIN_NORMAL=y_min_normal, BLOCK_M=128 if on_gpu else 64, BLOCK_CO=block_co,
+                num_warps=4,
+            )
+        else:
+            _launch_tuned(
+                parity_winner_tuned, lambda meta: (channel_slots,),
+                (gy_c, idx_c, x_c, weight, bias_arg, multiplier, dz, db_partials, dm_partials,
+                 count, c_in, c_out, d, h, w, m_stride, slope),
+                {"HAS_BIAS": has_bias, "STORE_DZ": store_dz, "ACCUMULATE": accumulate,
+                 "PRECISION": precision, **blocks},
+                x, triton.Config({"BLOCK_M": 32 if on_gpu else 64}, num_warps=4, num_stages=1),
+                tune=not accumulate,
+            )
+        if want_weight:
+            _launch_tuned(
+                parity_dw_tuned, lambda meta: (weight_slots,),
+                (dz, idx_c, x_c, dw_partials, count, c_in, c_out, d, h, w),
+                {"ACCUMULATE": accumulate, "PRECISION": grad_precision, **blocks},
+                x, triton.Config({"BLOCK_M": 64}, num_warps=8, num_stages=1),
+                tune=not accumulate,
+            )
+        if want_x:
+            _launch_tuned(
+                parity_dx_tuned, _persistent_grid(x, count * spatial, 4),
+                (dz, idx_c, weight_t, dx[images], count, c_in, c_out, d, h, w),
+                {"PRECISION": grad_precision, **blocks},
+                x, triton.Config({"BLOCK_M": 64 if on_gpu else 128}, num_warps=4, num_stages=1),
+            )
+    dweight = skipped_grad(weight)
+    if want_weight:
+        dweight = dw_partials.sum(dim=0).permute(1, 2, 0).reshape(weight.shape).to(weight.dtype)
+    return dx, dweight, db_partials, dm_partials

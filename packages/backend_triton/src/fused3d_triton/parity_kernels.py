@@ -35,13 +35,6 @@ def _w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, TAP: tl.constexpr):
 
 
 @triton.jit
-def _w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, TAP: tl.constexpr):
-    """[BLOCK_CO, BLOCK_CI] = w[:, :, tap]^T (for dx)."""
-    return tl.load(w_ptr + (co * 27 + TAP)[:, None] + (ci * (C_out * 27))[None, :],
-                   mask=co_mask[:, None] & ci_mask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _x_tile(x_ptr, x_row, m_d, m_h, m_w, m_mask, ci, ci_mask, spatial, D, H, W,
             OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr):
     """[BLOCK_M, BLOCK_CI] = x[n, :, m + (OD, OH, OW)], zero past the far edge."""
@@ -80,9 +73,90 @@ def _class_grads(z, bias, mult, slope, g, winner, C: tl.constexpr):
 
 
 @triton.jit
-def _store_dw_tap(part_ptr, acc, ci, ci_mask, co, co_mask, C_out, TAP: tl.constexpr):
-    tl.store(part_ptr + (ci * (C_out * 27) + TAP)[:, None] + co[None, :] * 27, acc,
-             mask=ci_mask[:, None] & co_mask[None, :])
+def _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, TAP: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_CO, BLOCK_CI] = w[:, :, tap]^T from the dx kernel's [27, C_out, C_in] copy."""
+    tap = tl.load(wt_ptr + TAP * C_out * C_in + wt_offsets, mask=wt_mask, other=0.0)
+    return _as_tf32(tap.to(tl.float32), PRECISION)
+
+
+@triton.jit
+def _add_channel_partials(db_ptr, dm_ptr, pid, C_out, co, co_mask, db, dm,
+                          ACCUMULATE: tl.constexpr):
+    """This program's dbias / dmultiplier channel partials; added to its earlier chunks."""
+    slot = pid * C_out + co
+    if ACCUMULATE:
+        db = tl.load(db_ptr + slot, mask=co_mask, other=0.0) + db
+        dm = tl.load(dm_ptr + slot, mask=co_mask, other=0.0) + dm
+    tl.store(db_ptr + slot, db, mask=co_mask)
+    tl.store(dm_ptr + slot, dm, mask=co_mask)
+
+
+@triton.jit
+def _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, cls, need,
+                  C_in, C_out, spatial, D, H, W,
+                  OD: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr):
+    """z + the conv terms that x[m + (OD, OH, OW)] gives class ``cls`` at pooled m, summed
+    directly in fp32 for the ``need`` elements. An offset shifts only odd-parity axes; per
+    axis the tap is 1 for an even class, 2 (offset 0) or 0 (offset 1) for an odd one."""
+    inside = m_mask & (m_d + OD < D) & (m_h + OH < H) & (m_w + OW < W)
+    shift: tl.constexpr = OD * 4 + OH * 2 + OW
+    use = need & ((cls & shift) == shift) & inside[:, None]
+    tap_d = tl.where(((cls >> 2) & 1) == 0, 1, 2 - 2 * OD)
+    tap_h = tl.where(((cls >> 1) & 1) == 0, 1, 2 - 2 * OH)
+    tap_w = tl.where((cls & 1) == 0, 1, 2 - 2 * OW)
+    w_offsets = co[None, :] * 27 + (tap_d * 3 + tap_h) * 3 + tap_w
+    x_offsets = x_row + (OD * H + OH) * W + OW
+    for ci in range(C_in):
+        xv = tl.load(x_ptr + x_offsets + ci * spatial, mask=inside, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + ci * (C_out * 27) + w_offsets, mask=use, other=0.0).to(tl.float32)
+        z += tl.where(use, xv[:, None] * wv, 0.0)
+    return z
+
+
+@triton.jit
+def _dz_from_output(g, y, winner, mask, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co,
+                    bias, mult, m_usable, slope, C_in, C_out, spatial, D, H, W,
+                    Y_MIN_NORMAL: tl.constexpr):
+    """(dz, g * y, dm) of each window's winner from the saved y, elementwise.
+
+    Why y suffices (slope s > 0, checked by the host): y = leaky(v), v = m * leaky(z), so
+    sign(y) = sign(v) = sign(m) * sign(z) gives leaky'(v) and leaky'(z), and
+    leaky'(v) * leaky(z) = y / m (dmultiplier's term; g * y is summed here, divided by m once
+    per program). That needs y normal and finite and |m| in [2**-100, 2**100]; every other
+    element (y zero, subnormal, inf or NaN; an unusable m) recomputes z by direct summation,
+    only in the blocks that have one, and takes the winner kernel's formulas."""
+    m = mult[None, :]
+    settled = m_usable[None, :] & (tl.abs(y) >= Y_MIN_NORMAL) & (tl.abs(y) < float("inf"))
+    factor_v_positive = m * tl.where(m > 0, 1.0, slope)
+    factor_v_negative = slope * m * tl.where(m > 0, slope, 1.0)
+    dz = g * tl.where(y > 0, factor_v_positive, factor_v_negative)
+    gy = tl.where(settled & mask, g * y, 0.0)
+    dm = tl.zeros_like(g)
+    need = mask & (settled == 0)
+    if tl.max(need.to(tl.int32)) > 0:
+        z = tl.zeros_like(g)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 0, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 0, 1)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 1, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 0, 1, 1)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 0, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 0, 1)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 1, 0)
+        z = _offset_terms(z, x_ptr, w_ptr, x_row, m_d, m_h, m_w, m_mask, co, winner, need,
+                          C_in, C_out, spatial, D, H, W, 1, 1, 1)
+        z = z + bias[None, :]
+        inner = _leaky(z, slope)
+        g_outer = g * _leaky_grad(m * inner, slope)
+        dz = tl.where(need, g_outer * m * _leaky_grad(z, slope), dz)
+        dm = tl.where(need, g_outer * inner, 0.0)
+    return tl.where(mask, dz, 0.0), gy, dm
 
 
 @triton.jit
@@ -194,17 +268,16 @@ def parity_forward_kernel(
 
 
 @triton.jit
-def parity_backward_kernel(
-    gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, dw_part_ptr, db_part_ptr, dm_part_ptr,
+def parity_winner_kernel(
+    gy_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, db_part_ptr, dm_part_ptr,
     N, C_in, C_out, D, H, W, m_stride, negative_slope,
-    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, ACCUMULATE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """Fused backward, persistent: recompute the 8 class values, keep the winner's dz (stored
-    for dx) and dm, and accumulate this program's partials of dweight (tap t gets
-    x_offset(t)^T @ dz of its class: only that class's winners are non-zero there), dbias and
-    dmultiplier. Partials are summed afterwards in a fixed order: deterministic."""
+    """dz without y (y not saved, or a slope outside [2**-10, 2**10]), persistent: recompute
+    the 8 class values as the forward does, keep each window winner's dz (stored for the dx
+    and dweight kernels) and add this program's dbias / dmultiplier partials to its slot."""
     pid = tl.program_id(0)
     spatial = D * H * W
     blocks_per_image = tl.cdiv(spatial, BLOCK_M)
@@ -241,33 +314,6 @@ def parity_backward_kernel(
     w_220 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 24), PRECISION)
     w_221 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 25), PRECISION)
     w_222 = _as_tf32(_w_tap(w_ptr, ci, ci_mask, co, co_mask, C_out, 26), PRECISION)
-    dw_000 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_001 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_002 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_010 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_011 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_012 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_020 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_021 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_022 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_100 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_101 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_102 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_110 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_111 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_112 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_120 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_121 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_122 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_200 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_201 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_202 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_210 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_211 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_212 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_220 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_221 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
-    dw_222 = tl.zeros([BLOCK_CI, BLOCK_CO], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
     dm_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
 
@@ -301,27 +347,16 @@ def parity_backward_kernel(
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 0)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_111 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_111, PRECISION)
         z = _dot(x001, w_110, None, PRECISION)
         z = _dot(x000, w_112, z, PRECISION)
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 1)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_110 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_110, PRECISION)
-            dw_112 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_112, PRECISION)
         z = _dot(x010, w_101, None, PRECISION)
         z = _dot(x000, w_121, z, PRECISION)
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 2)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_101 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_101, PRECISION)
-            dw_121 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_121, PRECISION)
         z = _dot(x011, w_100, None, PRECISION)
         z = _dot(x010, w_102, z, PRECISION)
         z = _dot(x001, w_120, z, PRECISION)
@@ -329,21 +364,11 @@ def parity_backward_kernel(
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 3)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_100 = _dot(tl.trans(x011.to(tl.float32)), dz_operand, dw_100, PRECISION)
-            dw_102 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_102, PRECISION)
-            dw_120 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_120, PRECISION)
-            dw_122 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_122, PRECISION)
         z = _dot(x100, w_011, None, PRECISION)
         z = _dot(x000, w_211, z, PRECISION)
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 4)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_011 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_011, PRECISION)
-            dw_211 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_211, PRECISION)
         z = _dot(x101, w_010, None, PRECISION)
         z = _dot(x100, w_012, z, PRECISION)
         z = _dot(x001, w_210, z, PRECISION)
@@ -351,12 +376,6 @@ def parity_backward_kernel(
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 5)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_010 = _dot(tl.trans(x101.to(tl.float32)), dz_operand, dw_010, PRECISION)
-            dw_012 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_012, PRECISION)
-            dw_210 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_210, PRECISION)
-            dw_212 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_212, PRECISION)
         z = _dot(x110, w_001, None, PRECISION)
         z = _dot(x100, w_021, z, PRECISION)
         z = _dot(x010, w_201, z, PRECISION)
@@ -364,12 +383,6 @@ def parity_backward_kernel(
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 6)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_001 = _dot(tl.trans(x110.to(tl.float32)), dz_operand, dw_001, PRECISION)
-            dw_021 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_021, PRECISION)
-            dw_201 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_201, PRECISION)
-            dw_221 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_221, PRECISION)
         z = _dot(x111, w_000, None, PRECISION)
         z = _dot(x110, w_002, z, PRECISION)
         z = _dot(x101, w_020, z, PRECISION)
@@ -381,188 +394,256 @@ def parity_backward_kernel(
         dz_c, dm_c = _class_grads(z, bias, mult, slope, g, winner, 7)
         dz += dz_c
         dm += dm_c
-        if COMPUTE_DW:
-            dz_operand = _as_tf32(dz_c, PRECISION)
-            dw_000 = _dot(tl.trans(x111.to(tl.float32)), dz_operand, dw_000, PRECISION)
-            dw_002 = _dot(tl.trans(x110.to(tl.float32)), dz_operand, dw_002, PRECISION)
-            dw_020 = _dot(tl.trans(x101.to(tl.float32)), dz_operand, dw_020, PRECISION)
-            dw_022 = _dot(tl.trans(x100.to(tl.float32)), dz_operand, dw_022, PRECISION)
-            dw_200 = _dot(tl.trans(x011.to(tl.float32)), dz_operand, dw_200, PRECISION)
-            dw_202 = _dot(tl.trans(x010.to(tl.float32)), dz_operand, dw_202, PRECISION)
-            dw_220 = _dot(tl.trans(x001.to(tl.float32)), dz_operand, dw_220, PRECISION)
-            dw_222 = _dot(tl.trans(x000.to(tl.float32)), dz_operand, dw_222, PRECISION)
         if STORE_DZ:
             tl.store(dz_ptr + out, dz, mask=mask)
         db_acc += tl.sum(dz, axis=0)
         dm_acc += tl.sum(dm, axis=0)
 
-    tl.store(db_part_ptr + pid * C_out + co, db_acc, mask=co_mask)
-    tl.store(dm_part_ptr + pid * C_out + co, dm_acc, mask=co_mask)
-    if COMPUTE_DW:
-        part = dw_part_ptr + pid * (C_in * C_out * 27)
-        _store_dw_tap(part, dw_000, ci, ci_mask, co, co_mask, C_out, 0)
-        _store_dw_tap(part, dw_001, ci, ci_mask, co, co_mask, C_out, 1)
-        _store_dw_tap(part, dw_002, ci, ci_mask, co, co_mask, C_out, 2)
-        _store_dw_tap(part, dw_010, ci, ci_mask, co, co_mask, C_out, 3)
-        _store_dw_tap(part, dw_011, ci, ci_mask, co, co_mask, C_out, 4)
-        _store_dw_tap(part, dw_012, ci, ci_mask, co, co_mask, C_out, 5)
-        _store_dw_tap(part, dw_020, ci, ci_mask, co, co_mask, C_out, 6)
-        _store_dw_tap(part, dw_021, ci, ci_mask, co, co_mask, C_out, 7)
-        _store_dw_tap(part, dw_022, ci, ci_mask, co, co_mask, C_out, 8)
-        _store_dw_tap(part, dw_100, ci, ci_mask, co, co_mask, C_out, 9)
-        _store_dw_tap(part, dw_101, ci, ci_mask, co, co_mask, C_out, 10)
-        _store_dw_tap(part, dw_102, ci, ci_mask, co, co_mask, C_out, 11)
-        _store_dw_tap(part, dw_110, ci, ci_mask, co, co_mask, C_out, 12)
-        _store_dw_tap(part, dw_111, ci, ci_mask, co, co_mask, C_out, 13)
-        _store_dw_tap(part, dw_112, ci, ci_mask, co, co_mask, C_out, 14)
-        _store_dw_tap(part, dw_120, ci, ci_mask, co, co_mask, C_out, 15)
-        _store_dw_tap(part, dw_121, ci, ci_mask, co, co_mask, C_out, 16)
-        _store_dw_tap(part, dw_122, ci, ci_mask, co, co_mask, C_out, 17)
-        _store_dw_tap(part, dw_200, ci, ci_mask, co, co_mask, C_out, 18)
-        _store_dw_tap(part, dw_201, ci, ci_mask, co, co_mask, C_out, 19)
-        _store_dw_tap(part, dw_202, ci, ci_mask, co, co_mask, C_out, 20)
-        _store_dw_tap(part, dw_210, ci, ci_mask, co, co_mask, C_out, 21)
-        _store_dw_tap(part, dw_211, ci, ci_mask, co, co_mask, C_out, 22)
-        _store_dw_tap(part, dw_212, ci, ci_mask, co, co_mask, C_out, 23)
-        _store_dw_tap(part, dw_220, ci, ci_mask, co, co_mask, C_out, 24)
-        _store_dw_tap(part, dw_221, ci, ci_mask, co, co_mask, C_out, 25)
-        _store_dw_tap(part, dw_222, ci, ci_mask, co, co_mask, C_out, 26)
+    _add_channel_partials(db_part_ptr, dm_part_ptr, pid, C_out, co, co_mask, db_acc, dm_acc,
+                          ACCUMULATE)
+
+
+@triton.jit
+def parity_dz_kernel(
+    gy_ptr, y_ptr, idx_ptr, x_ptr, w_ptr, b_ptr, m_ptr, dz_ptr, db_part_ptr, dm_part_ptr,
+    N, C_in, C_out, D, H, W, m_stride, negative_slope,
+    HAS_BIAS: tl.constexpr, STORE_DZ: tl.constexpr, ACCUMULATE: tl.constexpr,
+    Y_MIN_NORMAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dz of each window's winner from the saved y, elementwise and persistent (see
+    ``_dz_from_output``); stored for the dx and dweight kernels when STORE_DZ, with this
+    program's dbias / dmultiplier partials added to its slot."""
+    pid = tl.program_id(0)
+    spatial = D * H * W
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
+    co = tl.arange(0, BLOCK_CO)
+    co_mask = co < C_out
+    slope = _slope(negative_slope, m_ptr, False)  # m_ptr: unused (not float64)
+    bias, mult = _channel_params(b_ptr, m_ptr, co, co_mask, m_stride, slope, HAS_BIAS)
+    # Channels whose m lets y settle the derivative: |m| in [2**-100, 2**100] (so not NaN).
+    m_usable = (tl.abs(mult) >= 7.888609052210118e-31) & (tl.abs(mult) <= 1.2676506002282294e30)
+    db_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    gy_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    dm_acc = tl.zeros([BLOCK_CO], dtype=tl.float32)
+    for block in range(pid, N * blocks_per_image, tl.num_programs(0)):
+        n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
+        out = (n64 * C_out * spatial + s)[:, None] + co[None, :] * spatial
+        mask = m_mask[:, None] & co_mask[None, :]
+        winner = tl.load(idx_ptr + out, mask=mask, other=8).to(tl.int32)
+        g = tl.load(gy_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + out, mask=mask, other=0.0).to(tl.float32)
+        dz, gy_term, dm_term = _dz_from_output(
+            g, y, winner, mask, x_ptr, w_ptr, n64 * C_in * spatial + s, m_d, m_h, m_w, m_mask,
+            co, bias, mult, m_usable, slope, C_in, C_out, spatial, D, H, W, Y_MIN_NORMAL)
+        if STORE_DZ:
+            tl.store(dz_ptr + out, dz, mask=mask)
+        db_acc += tl.sum(dz, axis=0)
+        gy_acc += tl.sum(gy_term, axis=0)
+        dm_acc += tl.sum(dm_term, axis=0)
+    # The settled elements carried g * y = g * leaky'(v) * leaky(z) * m: divided by m once.
+    dm_acc += tl.where(m_usable, gy_acc / mult, 0.0)
+    _add_channel_partials(db_part_ptr, dm_part_ptr, pid, C_out, co, co_mask, db_acc, dm_acc,
+                          ACCUMULATE)
+
+
+@triton.jit
+def parity_dw_kernel(
+    dz_ptr, idx_ptr, x_ptr, dw_part_ptr,
+    N, C_in, C_out, D, H, W,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """dweight partials, persistent: one slot per program, added to chunk after chunk.
+
+    Tap t(c, o) of class c and offset o gets x[m + o]^T @ dz_c[m], where dz_c is dz at the
+    windows class c won. All of them come from ONE dot per block: the 8 shifted x tiles
+    stacked as rows (offset, input channel) [8 * BLOCK_CI, BLOCK_M] times dz spread by class
+    into columns (class, output channel) [BLOCK_M, 8 * BLOCK_CO] (zero where another class
+    won). 27 of the 64 (offset, class) blocks are taps (o's axes odd in c); the rest is waste,
+    but one large dot ran 2x faster on the H100 than 27 small ones (or one per class), which
+    Triton serialises. Only the 27 tap blocks are stored."""
+    slot = tl.program_id(0)
+    spatial = D * H * W
+    blocks_per_image = tl.cdiv(spatial, BLOCK_M)
+    rows = tl.arange(0, 8 * BLOCK_CI)
+    offset = rows // BLOCK_CI
+    ci = rows % BLOCK_CI
+    off_d = (offset >> 2) & 1
+    off_h = (offset >> 1) & 1
+    off_w = offset & 1
+    row_shift = ci * spatial + (off_d * H + off_h) * W + off_w
+    cols = tl.arange(0, 8 * BLOCK_CO)
+    cls = cols // BLOCK_CO
+    co = cols % BLOCK_CO
+    co_mask = co < C_out
+    acc = tl.zeros([8 * BLOCK_CI, 8 * BLOCK_CO], dtype=tl.float32)
+    for block in range(slot, N * blocks_per_image, tl.num_programs(0)):
+        n64, s, m_mask, m_d, m_h, m_w = _image_block(block, blocks_per_image, spatial, H, W,
+                                                     BLOCK_M)
+        inside = ((ci < C_in)[:, None] & m_mask[None, :] & (m_d[None, :] + off_d[:, None] < D)
+                  & (m_h[None, :] + off_h[:, None] < H) & (m_w[None, :] + off_w[:, None] < W))
+        x_stack = tl.load(x_ptr + n64 * C_in * spatial + row_shift[:, None] + s[None, :],
+                          mask=inside, other=0.0).to(tl.float32)
+        out = (n64 * C_out * spatial + s)[:, None] + co[None, :] * spatial
+        mask = m_mask[:, None] & co_mask[None, :]
+        winner = tl.load(idx_ptr + out, mask=mask, other=8)
+        dz = tl.load(dz_ptr + out, mask=mask, other=0.0)
+        dz_by_class = _as_tf32(tl.where(winner == cls[None, :], dz, 0.0), PRECISION)
+        acc = _dot(_as_tf32(x_stack, PRECISION), dz_by_class, acc, PRECISION)
+    # Per axis the tap is 1 where c is even, 2 (offset 0) or 0 (offset 1) where c is odd.
+    cls = cls[None, :]
+    tap_d = tl.where(((cls >> 2) & 1) == 0, 1, 2 - 2 * off_d[:, None])
+    tap_h = tl.where(((cls >> 1) & 1) == 0, 1, 2 - 2 * off_h[:, None])
+    tap_w = tl.where((cls & 1) == 0, 1, 2 - 2 * off_w[:, None])
+    tap = (tap_d * 3 + tap_h) * 3 + tap_w
+    part = dw_part_ptr + ((slot * 27 + tap) * C_in + ci[:, None]) * C_out + co[None, :]
+    is_tap = (cls & offset[:, None]) == offset[:, None]
+    part_mask = is_tap & (ci < C_in)[:, None] & co_mask[None, :]
+    if ACCUMULATE:
+        acc = tl.load(part, mask=part_mask, other=0.0) + acc
+    tl.store(part, acc, mask=part_mask)
 
 
 @triton.jit
 def parity_dx_kernel(
-    dz_ptr, idx_ptr, w_ptr, dx_ptr,
+    dz_ptr, idx_ptr, wt_ptr, dx_ptr,
     N, C_in, C_out, D, H, W,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
-    """dx, persistent: the forward read x[m + offset(t)] with tap t for pooled m, so input q
-    receives dz[q - offset(t)] @ w[:, :, t]^T where that window's winner is t's class."""
+    """dx, persistent: the forward read x[m + o] with tap t(c, o) for class c at pooled m, so
+    input q receives dz[q - o] @ w[:, :, t]^T where window q - o was won by class c. Per block
+    the 8 shifted dz tiles are read once each; the weight taps come from ``wt_ptr``
+    ([27, C_out, C_in], small enough to stay in L1) at each use instead of being held in
+    registers for the whole program (27 resident taps spilled)."""
     spatial = D * H * W
     blocks_per_image = tl.cdiv(spatial, BLOCK_M)
     ci = tl.arange(0, BLOCK_CI)
     ci_mask = ci < C_in
     co = tl.arange(0, BLOCK_CO)
     co_mask = co < C_out
-    w_000 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 0), PRECISION)
-    w_001 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 1), PRECISION)
-    w_002 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 2), PRECISION)
-    w_010 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 3), PRECISION)
-    w_011 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 4), PRECISION)
-    w_012 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 5), PRECISION)
-    w_020 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 6), PRECISION)
-    w_021 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 7), PRECISION)
-    w_022 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 8), PRECISION)
-    w_100 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 9), PRECISION)
-    w_101 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 10), PRECISION)
-    w_102 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 11), PRECISION)
-    w_110 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 12), PRECISION)
-    w_111 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 13), PRECISION)
-    w_112 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 14), PRECISION)
-    w_120 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 15), PRECISION)
-    w_121 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 16), PRECISION)
-    w_122 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 17), PRECISION)
-    w_200 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 18), PRECISION)
-    w_201 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 19), PRECISION)
-    w_202 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 20), PRECISION)
-    w_210 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 21), PRECISION)
-    w_211 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 22), PRECISION)
-    w_212 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 23), PRECISION)
-    w_220 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 24), PRECISION)
-    w_221 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 25), PRECISION)
-    w_222 = _as_tf32(_w_tap_t(w_ptr, ci, ci_mask, co, co_mask, C_out, 26), PRECISION)
+    wt_offsets = co[:, None] * C_in + ci[None, :]
+    wt_mask = co_mask[:, None] & ci_mask[None, :]
 
     for block in range(tl.program_id(0), N * blocks_per_image, tl.num_programs(0)):
         n64, s, q_mask, q_d, q_h, q_w = _image_block(block, blocks_per_image, spatial, H, W,
                                                      BLOCK_M)
         row = n64 * C_out * spatial + s
-        g000 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 0, 0), PRECISION)
-        i000 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 0, 0, 0).to(tl.int32)
-        g001 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 0, 1), PRECISION)
-        i001 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 0, 0, 1).to(tl.int32)
-        g010 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 1, 0), PRECISION)
-        i010 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 0, 1, 0).to(tl.int32)
-        g011 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 0, 1, 1), PRECISION)
-        i011 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 0, 1, 1).to(tl.int32)
-        g100 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 0, 0), PRECISION)
-        i100 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 1, 0, 0).to(tl.int32)
-        g101 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 0, 1), PRECISION)
-        i101 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 1, 0, 1).to(tl.int32)
-        g110 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 1, 0), PRECISION)
-        i110 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 1, 1, 0).to(tl.int32)
-        g111 = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            0.0, 1, 1, 1), PRECISION)
-        i111 = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W,
-            8, 1, 1, 1).to(tl.int32)
         acc = tl.zeros([BLOCK_M, BLOCK_CI], dtype=tl.float32)
-        acc = _dot(tl.where(i111 == 7, g111, 0.0), w_000, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i110 == 6, g110, 0.0), w_001, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i110 == 7, g110, 0.0), w_002, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i101 == 5, g101, 0.0), w_010, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i100 == 4, g100, 0.0), w_011, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i100 == 5, g100, 0.0), w_012, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i101 == 7, g101, 0.0), w_020, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i100 == 6, g100, 0.0), w_021, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i100 == 7, g100, 0.0), w_022, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i011 == 3, g011, 0.0), w_100, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i010 == 2, g010, 0.0), w_101, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i010 == 3, g010, 0.0), w_102, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i001 == 1, g001, 0.0), w_110, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 0, g000, 0.0), w_111, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 1, g000, 0.0), w_112, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i001 == 3, g001, 0.0), w_120, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 2, g000, 0.0), w_121, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 3, g000, 0.0), w_122, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i011 == 7, g011, 0.0), w_200, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i010 == 6, g010, 0.0), w_201, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i010 == 7, g010, 0.0), w_202, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i001 == 5, g001, 0.0), w_210, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 4, g000, 0.0), w_211, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 5, g000, 0.0), w_212, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i001 == 7, g001, 0.0), w_220, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 6, g000, 0.0), w_221, acc,
-                   PRECISION)
-        acc = _dot(tl.where(i000 == 7, g000, 0.0), w_222, acc,
-                   PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              0, 0, 0), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          0, 0, 0)
+        acc = _dot(tl.where(winner == 0, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 13, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 1, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 14, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 2, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 16, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 3, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 17, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 4, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 22, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 5, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 23, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 6, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 25, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 26, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              0, 0, 1), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          0, 0, 1)
+        acc = _dot(tl.where(winner == 1, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 12, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 3, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 15, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 5, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 21, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 24, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              0, 1, 0), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          0, 1, 0)
+        acc = _dot(tl.where(winner == 2, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 10, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 3, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 11, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 6, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 19, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 20, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              0, 1, 1), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          0, 1, 1)
+        acc = _dot(tl.where(winner == 3, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 9, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 18, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              1, 0, 0), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          1, 0, 0)
+        acc = _dot(tl.where(winner == 4, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 4, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 5, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 5, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 6, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 7, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 8, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              1, 0, 1), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          1, 0, 1)
+        acc = _dot(tl.where(winner == 5, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 3, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 6, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              1, 1, 0), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          1, 1, 0)
+        acc = _dot(tl.where(winner == 6, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 1, PRECISION),
+                   acc, PRECISION)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 2, PRECISION),
+                   acc, PRECISION)
+        dz = _as_tf32(_dz_tile(dz_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 0.0,
+                              1, 1, 1), PRECISION)
+        winner = _dz_tile(idx_ptr, row, q_d, q_h, q_w, q_mask, co, co_mask, spatial, H, W, 8,
+                          1, 1, 1)
+        acc = _dot(tl.where(winner == 7, dz, 0.0),
+                   _wt_tap(wt_ptr, wt_offsets, wt_mask, C_out, C_in, 0, PRECISION),
+                   acc, PRECISION)
         out = (n64 * C_in * spatial + s)[:, None] + ci[None, :] * spatial
         tl.store(dx_ptr + out, acc.to(dx_ptr.dtype.element_ty),
                  mask=q_mask[:, None] & ci_mask[None, :])
