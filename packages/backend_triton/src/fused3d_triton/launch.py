@@ -163,9 +163,6 @@ _PARITY_DX_CONFIGS = [
     for bm in (64, 128)
     for nw in (4, 8)
 ]
-# Fixed configs (small problems, the interpreter, graph capture without a tuned config) run one
-# stage: Triton's default of 3 multi-buffers the unrolled taps' operands, and the dx kernel then
-# asked for 244 KB of shared memory on the H100 (over its 227 KB).
 _DX_CONFIGS = [
     triton.Config({"BLOCK_I": bi, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
     for bi in (64, 128)
@@ -436,12 +433,12 @@ def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padd
 
 
 #: The parity backward runs over batch chunks whose fp32 dz scratch is at most this many bytes
-#: (the benchmark problem: 2 chunks of 8 images), so that a training
-#: step's extra memory stays under DESIGN's 80 MiB (y, the index, dx and the whole batch's dz
-#: took 95 MiB). Each chunk costs three launches of host time, which dominates the eager step:
-#: on the H100, 16 MiB chunks gave an eager step of 1.77 ms and a 63 MiB peak, 8 MiB chunks
-#: 2.66 ms and 55 MiB (CUDA graphs: 0.76 vs 0.82 ms). The environment variable exists for
-#: tests (1: one image per chunk).
+#: (the benchmark problem: 2 chunks of 8 images), so that a training step's extra memory stays
+#: under DESIGN's 80 MiB (y, the index, dx and the whole batch's dz took 95 MiB).
+#: Each chunk costs three launches of host time, which dominates the eager step: on the H100,
+#: 16 MiB chunks gave an eager step of 1.77 ms and a 63 MiB peak, 8 MiB chunks 2.66 ms and
+#: 55 MiB (CUDA graphs: 0.76 vs 0.82 ms). The environment variable exists for tests (1: one
+#: image per chunk).
 BACKWARD_CHUNK_BYTES = int(os.environ.get("FUSED3D_TRITON_BACKWARD_CHUNK_BYTES", str(16 << 20)))
 
 #: y settles the derivative only for a slope in this range (see parity_kernels._dz_from_output:
@@ -485,6 +482,9 @@ def _parity_backward(grad_y, y, window_index, x, weight, bias_arg, has_bias, mul
     weight_t = weight.permute(2, 3, 4, 1, 0).reshape(27, c_out, c_in).contiguous() if (
         want_x) else weight
     y_min_normal = 6.103515625e-05 if x.dtype == torch.float16 else 1.1754943508222875e-38
+    # Fixed configs below (small problems, the interpreter, capture without a tuned config) run
+    # one stage: Triton's default of 3 multi-buffers the unrolled taps' operands, and the dx
+    # kernel then asked for 244 KB of shared memory on the H100 (over its 227 KB).
 
     for n0 in range(0, n, chunk):
         images = slice(n0, min(n, n0 + chunk))

@@ -8,9 +8,10 @@ classes (window index == class), so pooled position m reads only x at {m, m+1}^3
 GEMM with the 8 shifted x tiles [BLOCK_M, C_in] as A and the 27 weight taps [C_in, C_out]
 as B, 27 tap dots accumulated into the 8 class values.
 
-Kernels are persistent: the 27 weight taps are loaded once per program (they are gathered with
-stride 27, so uncoalesced) and stay in shared memory; a block of positions never straddles two
-images, so x / y / dz accesses are contiguous along the block.
+Kernels are persistent. The forward and the winner kernel load the 27 weight taps once per
+program (gathered with stride 27, so uncoalesced) and keep them; the dx kernel reads them from a
+transposed copy at each use, and the dz and dweight kernels need none. A block of positions
+never straddles two images, so x / y / dz accesses are contiguous along the block.
 """
 
 import triton
