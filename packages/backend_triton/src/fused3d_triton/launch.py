@@ -1,13 +1,16 @@
 """Op bodies of the Triton backend: choose a kernel family and block shapes, launch.
 
-Every launch goes through ``torch.library.wrap_triton`` so that ``torch.compile`` sees the
-kernels (the ops are ``torch.library.triton_op``s). Block shapes of the fast-path kernels are
-autotuned on the GPU, keyed on the problem shape and precision; under the interpreter
+Every launch goes through :func:`_fast_launch.launch`: under ``torch.compile`` that is
+``torch.library.wrap_triton``, so the compiler sees the kernels (the ops are
+``torch.library.triton_op``s); in eager mode it calls the compiled kernel's launcher with less
+host time than ``kernel[grid](...)``. Block shapes of the fast-path kernels are autotuned on
+the GPU, keyed on the problem shape and precision; under the interpreter
 (``TRITON_INTERPRET=1``, CPU tensors) and during CUDA-graph capture one fixed config runs.
 """
 
 import contextlib
 import functools
+import itertools
 import os
 
 import torch
@@ -21,7 +24,8 @@ from fused3d.ops import (
     skipped_grad,
 )
 
-from . import _interpreter_compat, kernels, parity_kernels
+from . import _fast_launch, _interpreter_compat, kernels, parity_kernels
+from ._fast_launch import launch
 
 #: Fast path limits: one program holds the whole channel range, its 27 weight taps
 #: [C_in, C_out] resident. At C_in 32 x C_out 64 the forward asked for 354 KB of shared memory
@@ -31,7 +35,7 @@ FAST_MAX_OUT_CHANNELS = 32
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _fast_launch.INTERPRETING
 
 
 if interpreting():
@@ -199,29 +203,55 @@ def _capturing() -> bool:
 AUTOTUNE_MIN_POSITIONS = 1 << 16
 
 
+#: Tuned config per autotuned kernel and call: see :func:`_tuning_key`.
+_tuned_configs: dict = {}
+#: Constexprs that do not change which config is best; ACCUMULATE must not (see below).
+_UNTUNED_KWARGS = frozenset({"ACCUMULATE"})
+
+
+def _tuning_key(tuned, args: tuple, kwargs: dict, x: torch.Tensor) -> tuple:
+    """Every scalar argument and constexpr (ACCUMULATE aside) and every tensor's dtype: at
+    least as fine as the autotuner's own key, so no call reuses a config tuned for another
+    shape."""
+    scalars = tuple(a if not isinstance(a, torch.Tensor) else a.dtype for a in args)
+    constexprs = tuple((k, v) for k, v in kwargs.items() if k not in _UNTUNED_KWARGS)
+    return tuned, x.device.index, scalars, constexprs
+
+
+def _launch_config(kernel, grid_fn, args: tuple, kwargs: dict, config: triton.Config) -> None:
+    meta = {**kwargs, **config.all_kwargs()}
+    launch(kernel, grid_fn(meta), args, meta)
+
+
 def _launch_tuned(tuned, grid_fn, args: tuple, kwargs: dict, x: torch.Tensor,
                   fallback: triton.Config, tune: bool = True) -> None:
     """Launch an autotuned kernel; with one fixed config where autotuning cannot run.
 
-    Autotuning times candidates with host syncs: impossible under the interpreter (and
-    pointless there) and inside CUDA-graph capture. While capturing, the config tuned by the
-    warm-up call (best_config) is reused, so nothing new is compiled inside the capture; so it
-    is with ``tune=False``, for launches that add to their outputs (timing candidates would
-    add several times).
+    Triton's autotuner times the candidates on the first call of a key (host syncs), then
+    the config it picked is kept here and later calls launch it directly (the autotuner's
+    per-call Python doubled the launch's host time). Autotuning is impossible under the
+    interpreter (and pointless there) and inside CUDA-graph capture: there the config tuned by
+    the warm-up call is reused, so nothing new is compiled inside the capture, or the fixed
+    ``fallback`` runs. So it is with ``tune=False``, for launches that add to their outputs
+    (timing candidates would add several times): they take the config tuned for the same key.
     """
-    kernel = tuned.fn
-    if _on_gpu(x) and x.numel() // max(1, x.shape[1]) < AUTOTUNE_MIN_POSITIONS:
-        tuned = None
-    if tuned is not None and _on_gpu(x) and tune and not _capturing():
-        wrap_triton(tuned)[grid_fn](*args, **kwargs)
+    if not _on_gpu(x) or x.numel() // max(1, x.shape[1]) < AUTOTUNE_MIN_POSITIONS:
+        _launch_config(tuned.fn, grid_fn, args, kwargs, fallback)
         return
-    config = fallback
-    if tuned is not None and _on_gpu(x) and tuned.best_config is not None:
-        config = tuned.best_config
-    meta = {**kwargs, **config.kwargs}
-    wrap_triton(kernel)[grid_fn(meta)](
-        *args, **meta, num_warps=config.num_warps, num_stages=config.num_stages
-    )
+    if wrap_triton(tuned) is not tuned:
+        # Traced by torch.compile: the compiler launches (and tunes) the autotuned kernel.
+        if tune:
+            wrap_triton(tuned)[grid_fn](*args, **kwargs)
+        else:
+            _launch_config(tuned.fn, grid_fn, args, kwargs, tuned.best_config or fallback)
+        return
+    key = _tuning_key(tuned, args, kwargs, x)
+    config = _tuned_configs.get(key)
+    if config is None and tune and not _capturing():
+        tuned[grid_fn](*args, **kwargs)
+        _tuned_configs[key] = tuned.best_config
+        return
+    _launch_config(tuned.fn, grid_fn, args, kwargs, config or fallback)
 
 
 # --------------------------------------------------------------------------- forward
@@ -275,12 +305,13 @@ def _forward(x, weight, bias, multiplier, stride, padding, output_padding, negat
     taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
     block_p, block_k, block_co, warps = _general_blocks(x, taps * c_in, c_out)
     grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
-    wrap_triton(kernels.general_forward_kernel)[grid](
-        x, weight, bias_arg, multiplier, y, window_index,
-        p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
-        *config.padding, m_stride, slope, _slope_pointer(negative_slope, x, multiplier),
-        HAS_BIAS=has_bias, IS_FP64=x.dtype == torch.float64, PRECISION=precision,
-        BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, num_warps=warps,
+    launch(
+        kernels.general_forward_kernel, grid,
+        (x, weight, bias_arg, multiplier, y, window_index,
+         p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
+         *config.padding, m_stride, slope, _slope_pointer(negative_slope, x, multiplier)),
+        {"HAS_BIAS": has_bias, "IS_FP64": x.dtype == torch.float64, "PRECISION": precision,
+         "BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_CO": block_co, "num_warps": warps},
     )
     return y, window_index
 
@@ -302,9 +333,10 @@ def _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64):
         return triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci)
 
     if is_fp64:
-        wrap_triton(kernels.general_dx_kernel)[grid_fn({"BLOCK_I": block_i})](
-            *args, IS_FP64=True, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
-            BLOCK_K=block_k, num_warps=warps,
+        launch(
+            kernels.general_dx_kernel, grid_fn({"BLOCK_I": block_i}), args,
+            {"IS_FP64": True, "PRECISION": precision, "BLOCK_I": block_i, "BLOCK_CI": block_ci,
+             "BLOCK_K": block_k, "num_warps": warps},
         )
         return
     _launch_tuned(
@@ -329,11 +361,12 @@ def _launch_general_dw(dz, window_index, x, dw_shape, config, precision, is_fp64
     chunks = triton.cdiv(i_total, i_chunk)
     partials = x.new_empty((chunks, c_in, c_out, taps), dtype=dz.dtype)
     grid = (triton.cdiv(taps * c_out, block_k), chunks, triton.cdiv(c_in, block_ci))
-    wrap_triton(kernels.general_dw_kernel)[grid](
-        dz, window_index, x, partials, i_total, i_chunk, c_in, c_out, d, h, w, dp, hp, wp,
-        *config.kernel_size, *config.stride, *config.padding,
-        IS_FP64=is_fp64, PRECISION=precision, BLOCK_I=block_i, BLOCK_CI=block_ci,
-        BLOCK_K=block_k, num_warps=warps,
+    launch(
+        kernels.general_dw_kernel, grid,
+        (dz, window_index, x, partials, i_total, i_chunk, c_in, c_out, d, h, w, dp, hp, wp,
+         *config.kernel_size, *config.stride, *config.padding),
+        {"IS_FP64": is_fp64, "PRECISION": precision, "BLOCK_I": block_i, "BLOCK_CI": block_ci,
+         "BLOCK_K": block_k, "num_warps": warps},
     )
     # Fixed-order reduction over chunks: deterministic.
     return partials.sum(dim=0).reshape(dw_shape)
@@ -360,8 +393,14 @@ def triton_backward(
     dz; the general path recomputes z and ignores it.
     """
     with _device_of(x):
-        return _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
-                         output_padding, negative_slope, allow_tf32, output_mask)
+        grads = _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
+                          output_padding, negative_slope, allow_tf32, output_mask)
+    # The gradients the mask did not ask for (None here) become the schema's empty placeholders.
+    likes = (x, weight, bias if bias is not None else x, multiplier)
+    return tuple(  # type: ignore[return-value]
+        skipped_grad(like) if grad is None else grad
+        for grad, like in zip(grads, likes, strict=True)
+    )
 
 
 def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padding,
@@ -369,9 +408,7 @@ def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padd
     want_x, want_weight, want_bias, want_multiplier = output_mask
     want_bias = bool(want_bias) and bias is not None
     config = config_from_op_args(weight, stride, padding, output_padding, negative_slope)
-    dx, dweight = skipped_grad(x), skipped_grad(weight)
-    dbias = skipped_grad(bias if bias is not None else x)
-    dmultiplier = skipped_grad(multiplier)
+    dx = dweight = dbias = dmultiplier = None
     if not (want_x or want_weight or want_bias or want_multiplier):
         return dx, dweight, dbias, dmultiplier
 
@@ -410,12 +447,14 @@ def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padd
         grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
         db_partials = x.new_zeros((grid[0], c_out), dtype=compute)
         dm_partials = x.new_zeros((grid[0], c_out), dtype=compute)
-        wrap_triton(kernels.general_dz_kernel)[grid](
-            grad_y, window_index, x, weight, bias_arg, multiplier, dz, db_partials, dm_partials,
-            p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size, *config.stride,
-            *config.padding, m_stride, slope, _slope_pointer(negative_slope, x, multiplier),
-            HAS_BIAS=has_bias, IS_FP64=is_fp64, PRECISION=precision,
-            BLOCK_P=block_p, BLOCK_K=block_k, BLOCK_CO=block_co, num_warps=warps,
+        launch(
+            kernels.general_dz_kernel, grid,
+            (grad_y, window_index, x, weight, bias_arg, multiplier, dz, db_partials,
+             dm_partials, p_total, c_in, c_out, d, h, w, dp, hp, wp, *config.kernel_size,
+             *config.stride, *config.padding, m_stride, slope,
+             _slope_pointer(negative_slope, x, multiplier)),
+            {"HAS_BIAS": has_bias, "IS_FP64": is_fp64, "PRECISION": precision,
+             "BLOCK_P": block_p, "BLOCK_K": block_k, "BLOCK_CO": block_co, "num_warps": warps},
         )
         if want_weight:
             dweight = _launch_general_dw(
@@ -472,12 +511,24 @@ def _parity_backward(grad_y, y, window_index, x, weight, bias_arg, has_bias, mul
     channel_slots = _num_sms(x) * (4 if from_y and on_gpu else 1)
     weight_slots = _num_sms(x)
     store_dz = want_x or want_weight
-    dz = x.new_empty((chunk, c_out, d, h, w), dtype=torch.float32) if store_dz else grad_y
-    dw_partials = (x.new_empty((weight_slots, 27, c_in, c_out), dtype=torch.float32)
-                   if want_weight else grad_y)
-    db_partials = x.new_empty((channel_slots, c_out), dtype=torch.float32)
-    dm_partials = x.new_empty((channel_slots, c_out), dtype=torch.float32)
-    dx = torch.empty_like(x) if want_x else skipped_grad(x)
+    # One fp32 workspace holds the chunk's dz and every partial (one allocation instead of
+    # four: each costs host time). Segments start 128 bytes apart, so pointers stay aligned.
+    dz_size = chunk * c_out * spatial if store_dz else 0
+    dw_size = weight_slots * 27 * c_in * c_out if want_weight else 0
+    channel_size = channel_slots * c_out
+    offsets = list(itertools.accumulate(
+        (triton.cdiv(size, 32) * 32 for size in (dz_size, dw_size, channel_size, channel_size)),
+        initial=0))
+    workspace = torch.empty(offsets[-1], dtype=torch.float32, device=x.device)
+    dz = workspace if store_dz else grad_y  # its first dz_size elements
+    # dweight partials as [slot, C_in, C_out, tap] over the kernel's [slot, tap, C_in, C_out]
+    # layout: the slot sum comes out in the weight's own layout.
+    dw_partials = workspace.as_strided(
+        (weight_slots, c_in, c_out, 27), (27 * c_in * c_out, c_out, 1, c_in * c_out),
+        offsets[1]) if want_weight else grad_y
+    db_partials = workspace.as_strided((channel_slots, c_out), (c_out, 1), offsets[2])
+    dm_partials = workspace.as_strided((channel_slots, c_out), (c_out, 1), offsets[3])
+    dx = torch.empty_like(x) if want_x else None
     # dx reads the taps transposed, [27, C_out, C_in] (55 KB at 16 x 32: stays in L1).
     weight_t = weight.permute(2, 3, 4, 1, 0).reshape(27, c_out, c_in).contiguous() if (
         want_x) else weight
@@ -492,12 +543,13 @@ def _parity_backward(grad_y, y, window_index, x, weight, bias_arg, has_bias, mul
         x_c, gy_c, idx_c = x[images], grad_y[images], window_index[images]
         accumulate = n0 > 0
         if from_y:
-            wrap_triton(parity_kernels.parity_dz_kernel)[(channel_slots,)](
-                gy_c, y[images], idx_c, x_c, weight, bias_arg, multiplier, dz, db_partials,
-                dm_partials, count, c_in, c_out, d, h, w, m_stride, slope,
-                HAS_BIAS=has_bias, STORE_DZ=store_dz, ACCUMULATE=accumulate,
-                Y_MIN_NORMAL=y_min_normal, BLOCK_M=128 if on_gpu else 64, BLOCK_CO=block_co,
-                num_warps=4,
+            launch(
+                parity_kernels.parity_dz_kernel, (channel_slots,),
+                (gy_c, y[images], idx_c, x_c, weight, bias_arg, multiplier, dz, db_partials,
+                 dm_partials, count, c_in, c_out, d, h, w, m_stride, slope),
+                {"HAS_BIAS": has_bias, "STORE_DZ": store_dz, "ACCUMULATE": accumulate,
+                 "Y_MIN_NORMAL": y_min_normal, "BLOCK_M": 128 if on_gpu else 64,
+                 "BLOCK_CO": block_co, "num_warps": 4},
             )
         else:
             _launch_tuned(
@@ -524,7 +576,7 @@ def _parity_backward(grad_y, y, window_index, x, weight, bias_arg, has_bias, mul
                 {"PRECISION": grad_precision, **blocks},
                 x, triton.Config({"BLOCK_M": 64 if on_gpu else 128}, num_warps=4, num_stages=1),
             )
-    dweight = skipped_grad(weight)
+    dweight = None
     if want_weight:
-        dweight = dw_partials.sum(dim=0).permute(1, 2, 0).reshape(weight.shape).to(weight.dtype)
+        dweight = dw_partials.sum(dim=0).reshape(weight.shape).to(weight.dtype)
     return dx, dweight, db_partials, dm_partials
