@@ -62,8 +62,15 @@ def _precision(x: torch.Tensor, allow_tf32: bool) -> str:
     return "tf32" if allow_tf32 else FP32_DOT
 
 
+# Host-side integer helpers in plain Python: triton.cdiv / next_power_of_2 are constexpr
+# functions, a few microseconds of argument unwrapping per call on the launch path.
+def _cdiv(numerator: int, denominator: int) -> int:
+    return -(-numerator // denominator)
+
+
 def _pow2(value: int, low: int, high: int) -> int:
-    return max(low, min(high, triton.next_power_of_2(max(int(value), 1))))
+    """The power of two >= value, clamped to [low, high]."""
+    return max(low, min(high, 1 << (max(int(value), 1) - 1).bit_length()))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -142,7 +149,7 @@ def _persistent_grid(x: torch.Tensor, positions: int, per_sm: int):
     """Grid of a persistent parity kernel: at most ``per_sm`` programs per SM (the weight
     tiles are loaded once per program), never more than there are blocks."""
     programs = _num_sms(x) * per_sm if _on_gpu(x) else 2
-    return lambda meta: (max(1, min(programs, triton.cdiv(positions, meta["BLOCK_M"]))),)
+    return lambda meta: (max(1, min(programs, _cdiv(positions, meta["BLOCK_M"]))),)
 
 
 # --------------------------------------------------------------------------- autotuned kernels
@@ -304,7 +311,7 @@ def _forward(x, weight, bias, multiplier, stride, padding, output_padding, negat
     p_total = n * dp * hp * wp
     taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
     block_p, block_k, block_co, warps = _general_blocks(x, taps * c_in, c_out)
-    grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
+    grid = (_cdiv(p_total, block_p), _cdiv(c_out, block_co))
     launch(
         kernels.general_forward_kernel, grid,
         (x, weight, bias_arg, multiplier, y, window_index,
@@ -330,7 +337,7 @@ def _launch_dx(dz, window_index, weight, dx, config, precision, is_fp64):
             *config.kernel_size, *config.stride, *config.padding)
 
     def grid_fn(meta):
-        return triton.cdiv(i_total, meta["BLOCK_I"]), triton.cdiv(c_in, block_ci)
+        return _cdiv(i_total, meta["BLOCK_I"]), _cdiv(c_in, block_ci)
 
     if is_fp64:
         launch(
@@ -352,15 +359,15 @@ def _launch_general_dw(dz, window_index, x, dw_shape, config, precision, is_fp64
     i_total = n * d * h * w
     taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
     block_i, block_ci, block_k, warps = _dw_blocks(x, c_in, taps * c_out)
-    tiles = triton.cdiv(taps * c_out, block_k) * triton.cdiv(c_in, block_ci)
+    tiles = _cdiv(taps * c_out, block_k) * _cdiv(c_in, block_ci)
     if _on_gpu(x):
-        chunks = max(1, min(triton.cdiv(i_total, 4 * block_i), 4 * _num_sms(x) // tiles))
+        chunks = max(1, min(_cdiv(i_total, 4 * block_i), 4 * _num_sms(x) // tiles))
     else:
         chunks = 1
-    i_chunk = triton.cdiv(triton.cdiv(i_total, chunks), block_i) * block_i
-    chunks = triton.cdiv(i_total, i_chunk)
+    i_chunk = _cdiv(_cdiv(i_total, chunks), block_i) * block_i
+    chunks = _cdiv(i_total, i_chunk)
     partials = x.new_empty((chunks, c_in, c_out, taps), dtype=dz.dtype)
-    grid = (triton.cdiv(taps * c_out, block_k), chunks, triton.cdiv(c_in, block_ci))
+    grid = (_cdiv(taps * c_out, block_k), chunks, _cdiv(c_in, block_ci))
     launch(
         kernels.general_dw_kernel, grid,
         (dz, window_index, x, partials, i_total, i_chunk, c_in, c_out, d, h, w, dp, hp, wp,
@@ -444,7 +451,7 @@ def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padd
         p_total = n * dp * hp * wp
         taps = config.kernel_size[0] * config.kernel_size[1] * config.kernel_size[2]
         block_p, block_k, block_co, warps = _general_blocks(x, taps * c_in, c_out)
-        grid = (triton.cdiv(p_total, block_p), triton.cdiv(c_out, block_co))
+        grid = (_cdiv(p_total, block_p), _cdiv(c_out, block_co))
         db_partials = x.new_zeros((grid[0], c_out), dtype=compute)
         dm_partials = x.new_zeros((grid[0], c_out), dtype=compute)
         launch(
@@ -517,7 +524,7 @@ def _parity_backward(grad_y, y, window_index, x, weight, bias_arg, has_bias, mul
     dw_size = weight_slots * 27 * c_in * c_out if want_weight else 0
     channel_size = channel_slots * c_out
     offsets = list(itertools.accumulate(
-        (triton.cdiv(size, 32) * 32 for size in (dz_size, dw_size, channel_size, channel_size)),
+        (_cdiv(size, 32) * 32 for size in (dz_size, dw_size, channel_size, channel_size)),
         initial=0))
     workspace = torch.empty(offsets[-1], dtype=torch.float32, device=x.device)
     dz = workspace if store_dz else grad_y  # its first dz_size elements
