@@ -28,7 +28,8 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (JITFunction, device, specialization, options) -> CompiledKernel
 _compiled: dict = {}
-_usable = not INTERPRETING
+# FUSED3D_TRITON_FAST_LAUNCH=0 launches every kernel the ordinary way (to rule this out).
+_usable = not INTERPRETING and os.environ.get("FUSED3D_TRITON_FAST_LAUNCH", "1") != "0"
 
 
 def launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
@@ -71,6 +72,11 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
                  knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *values)
 
 
+def active() -> bool:
+    """Whether eager launches take the short path in this process."""
+    return _usable
+
+
 def cached_kernels() -> int:
-    """How many compiled kernels the fast path holds (for tests and diagnostics)."""
+    """How many compiled kernels the short path holds (for tests and diagnostics)."""
     return len(_compiled)
