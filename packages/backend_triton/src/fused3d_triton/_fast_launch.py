@@ -23,13 +23,20 @@ import os
 
 from torch.library import wrap_triton
 
+try:  # imported once here, not on every launch
+    from triton import knobs
+    from triton.runtime.driver import driver
+except ImportError:  # a Triton without these internals: the ordinary path only
+    knobs = driver = None
+
 #: TRITON_INTERPRET is read once: Triton itself fixes it when it is imported.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # (JITFunction, device, specialization, options) -> CompiledKernel
 _compiled: dict = {}
 # FUSED3D_TRITON_FAST_LAUNCH=0 launches every kernel the ordinary way (to rule this out).
-_usable = not INTERPRETING and os.environ.get("FUSED3D_TRITON_FAST_LAUNCH", "1") != "0"
+_usable = (knobs is not None and not INTERPRETING
+           and os.environ.get("FUSED3D_TRITON_FAST_LAUNCH", "1") != "0")
 
 
 def launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
@@ -43,9 +50,6 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
     try:
-        from triton import knobs
-        from triton.runtime.driver import driver
-
         device = driver.active.get_current_device()
         binder = kernel.device_caches[device][-1]
         bound, specialization, options = binder(*args, **kwargs)

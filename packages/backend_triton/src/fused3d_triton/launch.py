@@ -481,10 +481,10 @@ def _backward(grad_y, y, window_index, x, weight, bias, multiplier, stride, padd
 #: The parity backward runs over batch chunks whose fp32 dz scratch is at most this many bytes
 #: (the benchmark problem: 2 chunks of 8 images), so that a training step's extra memory stays
 #: under DESIGN's 80 MiB (y, the index, dx and the whole batch's dz took 95 MiB).
-#: Each chunk costs three launches of host time, which dominates the eager step: on the H100,
-#: 16 MiB chunks gave an eager step of 1.77 ms and a 63 MiB peak, 8 MiB chunks 2.66 ms and
-#: 55 MiB (CUDA graphs: 0.76 vs 0.82 ms). The environment variable exists for tests (1: one
-#: image per chunk).
+#: Each chunk costs three launches of host time. On the H100, before the short launch path
+#: (_fast_launch), 16 MiB chunks gave an eager step of 1.77 ms and a 63 MiB peak, 8 MiB chunks
+#: 2.66 ms and 55 MiB (CUDA graphs: 0.76 vs 0.82 ms). The environment variable exists for
+#: tests (1: one image per chunk).
 BACKWARD_CHUNK_BYTES = int(os.environ.get("FUSED3D_TRITON_BACKWARD_CHUNK_BYTES", str(16 << 20)))
 
 #: y settles the derivative only for a slope in this range (see parity_kernels._dz_from_output:
