@@ -1,11 +1,12 @@
 """The backward op with and without the saved output y, on the benchmark problem.
 
-    python3 scripts/backward_paths.py [--backends cuda] [--dtypes float32,bfloat16]
+    python3 scripts/backward_paths.py [--backends cuda] [--dtypes float32,float32-ieee,bfloat16]
 
 A backward that reads y (``saves_output`` backends) skips recomputing the conv at each winner.
-For each backend and dtype (fp32 with TF32 allowed), this times the raw backward op given y and
-given ``y=None`` (CUDA events, L2 flushed before each call, median of 50 after 5 warm-ups) and
-measures both results' normwise error against the float64 oracle on the same winners.
+For each backend and dtype (fp32 with TF32 allowed; ``float32-ieee``: with TF32 off), this
+times the raw backward op given y and given ``y=None`` (CUDA events, L2 flushed before each
+call, median of 50 after 5 warm-ups) and measures both results' normwise error against the
+float64 oracle on the same winners.
 """
 
 from __future__ import annotations
@@ -52,12 +53,13 @@ def main() -> None:
         backend.load()
         ops = getattr(torch.ops, backend.namespace)
         for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
+            ieee = dtype_name.endswith("-ieee")
+            dtype = getattr(torch, dtype_name.removesuffix("-ieee"))
             x = torch.rand(kernelbench.get_inputs()[0].shape, generator=generator).to("cuda", dtype)
             weight = reference.conv_transpose.weight.detach().to("cuda", dtype)
             bias = reference.conv_transpose.bias.detach().to("cuda", dtype)
             multiplier = reference.multiplier.detach().to("cuda", dtype)
-            config = ([2, 2, 2], [1, 1, 1], [1, 1, 1], 0.2, True)
+            config = ([2, 2, 2], [1, 1, 1], [1, 1, 1], 0.2, not ieee)
             y, window_index = ops.forward(x, weight, bias, multiplier, *config)
             grad_y = torch.randn(y.shape, generator=generator).to("cuda", dtype)
             expected = oracle_gradients(x, weight, bias, multiplier, *config[:4], grad_y,
@@ -72,10 +74,10 @@ def main() -> None:
             del expected
             torch.cuda.empty_cache()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'backend':8} {'dtype':9} {'backward':8} {'ms':>7}  error vs float64 "
+    print(f"{'backend':8} {'dtype':12} {'backward':8} {'ms':>7}  error vs float64 "
           "(dx, dweight, dbias, dmultiplier)")
     for backend_name, dtype_name, label, ms, errors in rows:
-        print(f"{backend_name:8} {dtype_name:9} {label:8} {ms:7.3f}  "
+        print(f"{backend_name:8} {dtype_name:12} {label:8} {ms:7.3f}  "
               + ", ".join(f"{e:.2e}" for e in errors))
 
 

@@ -1,9 +1,9 @@
 """Where a training step's time goes: each kernel's GPU time, and the host's share.
 
-    python3 scripts/step_kernels.py cuda [--batch 16] [--steps 60]
+    python3 scripts/step_kernels.py cuda [--batch 16] [--steps 60] [--precision tf32|fp32]
 
-Runs the benchmark problem's TF32 training step as the benchmark does (gradients dropped and
-the L2 flushed before each step) and prints:
+Runs the benchmark problem's training step (TF32 by default; fp32: IEEE, TF32 off) as the
+benchmark does (gradients dropped and the L2 flushed before each step) and prints:
   * the step's event time (min / p10 / median / p90) under the torch profiler;
   * every kernel's GPU duration (CUPTI) over the steps: count, min, median, max;
   * a few synchronized steps split into forward and backward, GPU time (events) beside the
@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("backend")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--precision", choices=("tf32", "fp32"), default="tf32")
     args = parser.parse_args()
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     torch.manual_seed(0)
     model = fused3d.FusedModel(*kernelbench.get_init_inputs(), backend=args.backend).cuda()
     x = torch.rand(args.batch, *kernelbench.get_inputs()[0].shape[1:], device="cuda")

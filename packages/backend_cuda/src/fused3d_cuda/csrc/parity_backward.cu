@@ -37,6 +37,14 @@ __device__ __forceinline__ float pack_dz(float dz, uint32_t cls) {
   return __uint_as_float((round_tf32_bits(dz) & ~0x1fffu) | (1u << cls));
 }
 
+// The dz pass's stored value: packed for the tensor-core kernels (above); plain fp32 for the
+// IEEE-fp32 (FFMA) kernels, which read each element's class from the window index instead
+// (the flag bits would cost dz its last 8 mantissa bits).
+template <bool kPacked>
+__device__ __forceinline__ float store_dz(float dz, uint32_t cls) {
+  return kPacked ? pack_dz(dz, cls) : dz;
+}
+
 // A packed dz element if its class is the one whose flag `class_bit` (1 << class) names, else
 // zero: one bit test and one select.
 __device__ __forceinline__ uint32_t masked_class(uint32_t packed, uint32_t class_bit) {
@@ -303,13 +311,13 @@ __device__ __forceinline__ float4 load4_streaming(const T* p) {
   }
 }
 
-// The packed dz of one element (pooled position p of image n, channel co, winning class cls).
-template <typename T>
+// The stored dz of one element (pooled position p of image n, channel co, winning class cls).
+template <typename T, bool kPacked>
 __device__ __forceinline__ float dz_element(const T* __restrict__ x, const T* __restrict__ w,
                                             const T* __restrict__ bias, const BlockShape& s,
                                             const ChannelDz& ch, DzSums& sums, int64_t n, int co,
                                             int p, uint32_t cls, float g, float yv) {
-  if (y_settles(ch, yv)) return pack_dz(settled_dz(ch, sums, g, yv), cls);
+  if (y_settles(ch, yv)) return store_dz<kPacked>(settled_dz(ch, sums, g, yv), cls);
   const int W = s.in_size[2], H = s.in_size[1];
   const int wpos = p % W, h = (p / W) % H, d = p / (W * H);
   const float z = recompute_class_value(x, w, bias, s, n, co, d, h, wpos, (int)cls);
@@ -317,7 +325,7 @@ __device__ __forceinline__ float dz_element(const T* __restrict__ x, const T* __
   winner_gradients(z, ch.m, g, ch.slope, dz, dm_term);
   sums.dm += dm_term;
   sums.dz += dz;
-  return pack_dz(dz, cls);
+  return store_dz<kPacked>(dz, cls);
 }
 
 // grid (slots, C_out): block (b, co) walks spatial slice b of channel co in every image of the
@@ -329,7 +337,11 @@ __device__ __forceinline__ float dz_element(const T* __restrict__ x, const T* __
 // a normal number and m is neither tiny, huge, zero nor non-finite; every other element (y
 // zero, subnormal, infinite or NaN; such a channel's m) recomputes z, giving the winner
 // kernel's formulas exactly.
-template <typename T>
+//
+// kPacked: the tensor-core kernels' packed dz, else plain fp32 (the IEEE-fp32 path). y null:
+// every element recomputes z (the IEEE-fp32 path without a usable y; the tensor-core path
+// runs the winner kernel instead).
+template <typename T, bool kPacked>
 __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, const T* __restrict__ grad_y, const T* __restrict__ y,
@@ -343,7 +355,7 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
   const int spatial = D * H * W;  // < 2^31 (parity_backward_supported)
   // Rows of a multiple of 4 go 4 elements per thread (4-element loads, 16-byte stores).
   const bool quads =
-      spatial % 4 == 0 &&
+      y != nullptr && spatial % 4 == 0 &&
       ((reinterpret_cast<uintptr_t>(grad_y) | reinterpret_cast<uintptr_t>(y)) &
        (4 * sizeof(T) - 1)) == 0 &&
       (reinterpret_cast<uintptr_t>(window_index) & 3) == 0;
@@ -368,15 +380,15 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
         if (y_settles(ch, y4.x) && y_settles(ch, y4.y) && y_settles(ch, y4.z) &&
             y_settles(ch, y4.w)) {
           float4 dz4;
-          dz4.x = pack_dz(settled_dz(ch, sums, g4.x, y4.x), classes & 7u);
-          dz4.y = pack_dz(settled_dz(ch, sums, g4.y, y4.y), (classes >> 8) & 7u);
-          dz4.z = pack_dz(settled_dz(ch, sums, g4.z, y4.z), (classes >> 16) & 7u);
-          dz4.w = pack_dz(settled_dz(ch, sums, g4.w, y4.w), (classes >> 24) & 7u);
+          dz4.x = store_dz<kPacked>(settled_dz(ch, sums, g4.x, y4.x), classes & 7u);
+          dz4.y = store_dz<kPacked>(settled_dz(ch, sums, g4.y, y4.y), (classes >> 8) & 7u);
+          dz4.z = store_dz<kPacked>(settled_dz(ch, sums, g4.z, y4.z), (classes >> 16) & 7u);
+          dz4.w = store_dz<kPacked>(settled_dz(ch, sums, g4.w, y4.w), (classes >> 24) & 7u);
           *reinterpret_cast<float4*>(packed_dz + off) = dz4;
         } else {  // rare: one element at a time (one copy of the recompute path)
 #pragma unroll 1
           for (int q = 0; q < 4; ++q)
-            packed_dz[off + q] = dz_element(x, w, bias, s, ch, sums, n, co, p + q,
+            packed_dz[off + q] = dz_element<T, kPacked>(x, w, bias, s, ch, sums, n, co, p + q,
                                             (classes >> (8 * q)) & 7u,
                                             to_acc(grad_y[off + q]), to_acc(y[off + q]));
         }
@@ -386,8 +398,10 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
 #pragma unroll 4
     for (int p = begin + (int)threadIdx.x; p < end; p += kThreadsDz) {
       const int64_t off = base + p;
-      packed_dz[off] = dz_element(x, w, bias, s, ch, sums, n, co, p, window_index[off] & 7u,
-                                  to_acc(grad_y[off]), to_acc(y[off]));
+      // (A NaN y settles nothing: the element recomputes z.)
+      packed_dz[off] = dz_element<T, kPacked>(x, w, bias, s, ch, sums, n, co, p,
+                                              window_index[off] & 7u, to_acc(grad_y[off]),
+                                              y ? to_acc(y[off]) : __int_as_float(0x7fc00000));
     }
   }
   // Fixed-order block reduction: a shuffle tree per warp, then the warps in order.
@@ -768,6 +782,226 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
   }
 }
 
+// ------------------------------------------------------------------ 2b/3b. IEEE fp32 (FFMA)
+
+// fp32 with allow_tf32 off: dx and dweight in plain fp32 FFMA. dz comes from the same dz pass,
+// stored unpacked; each element's class is read from the window index.
+//
+// Weight rows for the dx kernel, one per (offset o, class P >= o) pair, ordered by o and then by
+// j = P's bits outside o (free_bit_index), so the 2^(3-|o|) rows of one offset are consecutive.
+// A row holds w[ci, co, k(P, o)] as [co 32][ci 16] (zeros past C_in / C_out), rows kSimtRowStride
+// floats apart: 516 = 4 (mod 32) words, so up to 8 lanes reading one offset's rows at one co
+// hit 8 distinct 16-byte bank groups (one wavefront).
+constexpr int kSimtRowStride = kMaxCout * kMaxCin + 4;
+constexpr int kThreadsSimtX = 256;
+
+// P's bits on the axes o leaves free, packed from the lowest axis up (o = 0: P itself).
+__host__ __device__ constexpr int free_bit_index(int cls, int o) {
+  int j = 0, bit = 0;
+  for (int axis = 0; axis < 3; ++axis)
+    if (!((o >> axis) & 1)) j |= ((cls >> axis) & 1) << bit++;
+  return j;
+}
+// First row of offset o: offsets before it own 2^(3 - |o'|) rows each.
+__host__ __device__ constexpr int simt_first_row(int o) {
+  int row = 0;
+  for (int earlier = 0; earlier < o; ++earlier)
+    row += 8 >> (((earlier >> 2) & 1) + ((earlier >> 1) & 1) + (earlier & 1));
+  return row;
+}
+
+// dx[i] = sum over o and co of dz[i - o, co] * w[:, co, k(P, o)], P = the class of (i - o, co),
+// taken only where P >= o (the forward's class P reads x at m + o only for o <= P). Every
+// element has exactly one class, so each (o, co) adds one weight row picked by P: 8 x C_out
+// row reads per input position instead of the 27 x C_out of the dense sum over classes. One
+// thread per input position, all C_in channels in registers; every dx element is written once,
+// by its thread (no atomics).
+template <int CI4>  // C_in rounded up to 4, / 4
+__global__ void __launch_bounds__(kThreadsSimtX) parity_grad_x_simt_kernel(
+    const float* __restrict__ dz, const uint8_t* __restrict__ window_index,
+    const float* __restrict__ w, float* __restrict__ grad_x, BlockShape s) {
+  extern __shared__ float4 smem4[];
+  float* rows = reinterpret_cast<float*>(smem4);  // [27][kSimtRowStride]
+  for (int e = threadIdx.x; e < kTaps * kMaxCout * kMaxCin; e += blockDim.x) {
+    const int row = e / (kMaxCout * kMaxCin), rest = e - row * (kMaxCout * kMaxCin);
+    const int co = rest / kMaxCin, ci = rest - co * kMaxCin;
+    int o = 0;
+    while (o < 7 && simt_first_row(o + 1) <= row) ++o;
+    // P from j: j's bits go back to the axes o leaves free; o's own axes are odd.
+    int j = row - simt_first_row(o), cls = o;
+    for (int axis = 0; axis < 3; ++axis)
+      if (!((o >> axis) & 1)) {
+        cls |= (j & 1) << axis;
+        j >>= 1;
+      }
+    const bool valid = ci < s.in_channels && co < s.out_channels;
+    rows[row * kSimtRowStride + rest] =
+        valid ? w[((int64_t)ci * s.out_channels + co) * kTaps + class_tap(cls, o)] : 0.f;
+  }
+  __syncthreads();
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int spatial = D * H * W;  // < 2^31 (parity_backward_supported)
+  const int64_t positions = s.batch * (int64_t)spatial;
+  for (int64_t position = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; position < positions;
+       position += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t n = position / spatial;
+    const int p = (int)(position - n * spatial);
+    const int iw = p % W, ih = (p / W) % H, id = p / (W * H);
+    float acc[CI4 * 4];
+#pragma unroll
+    for (int c = 0; c < CI4 * 4; ++c) acc[c] = 0.f;
+#pragma unroll
+    for (int o = 0; o < 8; ++o) {
+      const int od = (o >> 2) & 1, oh = (o >> 1) & 1, ow = o & 1;
+      if (id < od || ih < oh || iw < ow) continue;  // i - o before the grid: no such window
+      const int64_t m = n * s.out_channels * (int64_t)spatial + p - (od * H + oh) * W - ow;
+      const float* dz_m = dz + m;
+      const uint8_t* class_m = window_index + m;
+      const float* first_row = rows + simt_first_row(o) * kSimtRowStride;
+#pragma unroll 2
+      for (int co = 0; co < s.out_channels; ++co) {
+        const int64_t off = (int64_t)co * spatial;
+        const uint32_t cls = class_m[off] & 7u;
+        // A class that does not read x at m + o adds nothing (its row is any of o's rows).
+        const float v = (cls & o) == (uint32_t)o ? dz_m[off] : 0.f;
+        const float4* row = reinterpret_cast<const float4*>(
+            first_row + free_bit_index((int)cls, o) * kSimtRowStride + co * kMaxCin);
+#pragma unroll
+        for (int q = 0; q < CI4; ++q) {
+          const float4 wv = row[q];
+          acc[4 * q + 0] = fmaf(v, wv.x, acc[4 * q + 0]);
+          acc[4 * q + 1] = fmaf(v, wv.y, acc[4 * q + 1]);
+          acc[4 * q + 2] = fmaf(v, wv.z, acc[4 * q + 2]);
+          acc[4 * q + 3] = fmaf(v, wv.w, acc[4 * q + 3]);
+        }
+      }
+    }
+    float* out = grad_x + n * s.in_channels * (int64_t)spatial + p;
+#pragma unroll
+    for (int ci = 0; ci < CI4 * 4; ++ci)
+      if (ci < s.in_channels) out[(int64_t)ci * spatial] = acc[ci];
+  }
+}
+
+inline size_t grad_x_simt_smem() { return sizeof(float) * (size_t)kTaps * kSimtRowStride; }
+
+// dW[ci, co, k(P, o)] = sum over pooled m of class P of x[m + o, ci] * dz[m, co]. A lane owns
+// one co; a warp owns two (P, o) pairs of one class, so one class test serves both: the 27
+// pairs make 14 groups (class 0's single pair twice, the copy not written). 28 warps: the two
+// halves of the block take the even and the odd positions of each tile and add their sums in
+// a fixed order at the end, then write the block's partial (reduced by parity_reduce_kernel).
+// The class test keeps the sum dense over each tile's positions (as the tensor-core kernel's);
+// x outside the input and dz outside the pooled grid are staged as zero.
+constexpr int kSimtGroups = 14;
+constexpr int kThreadsSimtW = 2 * kSimtGroups * 32;
+constexpr int kSimtXStride = kMaxCin + 4;   // x halo [position][ci]; 20: 4-way store conflicts
+constexpr int kSimtDzStride = kMaxCout + 1;  // dz tile [position][co]: conflict-free both ways
+constexpr int kSimtClassStride = kMaxCout + 4;  // class bytes [position][co]
+constexpr int kSimtHalo = kHaloD * kHaloH * kHaloW;  // 594 x positions
+// Group -> class and its two offsets (<= the class).
+__constant__ int8_t kSimtGroupClass[kSimtGroups] = {0, 1, 2, 4, 3, 3, 5, 5, 6, 6, 7, 7, 7, 7};
+__constant__ int8_t kSimtGroupOffset[kSimtGroups][2] = {
+    {0, 0}, {0, 1}, {0, 2}, {0, 4}, {0, 1}, {2, 3}, {0, 1}, {4, 5}, {0, 2}, {4, 6},
+    {0, 1}, {2, 3}, {4, 5}, {6, 7}};
+
+template <int CI4>
+__global__ void __launch_bounds__(kThreadsSimtW, 1) parity_grad_weight_simt_kernel(
+    const float* __restrict__ x, const float* __restrict__ dz,
+    const uint8_t* __restrict__ window_index, float* __restrict__ weight_partials, BlockShape s,
+    BackwardGeometry geo, int accumulate) {
+  extern __shared__ float4 smem4[];
+  float* xs = reinterpret_cast<float*>(smem4);       // [kSimtHalo][kSimtXStride]
+  float* dzs = xs + kSimtHalo * kSimtXStride;         // [kTilePositions][kSimtDzStride]
+  uint8_t* classes = reinterpret_cast<uint8_t*>(dzs + kTilePositions * kSimtDzStride);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = warp % kSimtGroups, half = warp / kSimtGroups;
+  const uint32_t cls = (uint32_t)kSimtGroupClass[group];
+  const int o_a = kSimtGroupOffset[group][0], o_b = kSimtGroupOffset[group][1];
+  // Halo offset of x[m + o] from x[m]'s (row hh of the tile, column ww).
+  const int shift_a = (((o_a >> 2) & 1) * kHaloH + ((o_a >> 1) & 1)) * kHaloW + (o_a & 1);
+  const int shift_b = (((o_b >> 2) & 1) * kHaloH + ((o_b >> 1) & 1)) * kHaloW + (o_b & 1);
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  const int64_t spatial = (int64_t)D * H * W;
+  float acc_a[CI4 * 4], acc_b[CI4 * 4];
+#pragma unroll
+  for (int c = 0; c < CI4 * 4; ++c) acc_a[c] = acc_b[c] = 0.f;
+
+  for (int tile = blockIdx.x; tile < geo.tiles; tile += gridDim.x) {
+    const TileCoord c = decode_tile(tile, D, geo.h_tiles, geo.w_tiles);
+    __syncthreads();  // the previous tile's reads are done
+    const float* x_n = x + (int64_t)c.n * s.in_channels * spatial;
+    for (int e = threadIdx.x; e < kMaxCin * kSimtHalo; e += blockDim.x) {
+      const int ci = e / kSimtHalo, pos = e - ci * kSimtHalo;
+      const int rest = pos / kHaloW, ww = pos - rest * kHaloW;
+      const int dd = rest / kHaloH, hh = rest - dd * kHaloH;
+      const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
+      const bool inside = ci < s.in_channels && id < D && ih < H && iw < W;
+      xs[pos * kSimtXStride + ci] =
+          inside ? x_n[ci * spatial + ((int64_t)id * H + ih) * W + iw] : 0.f;
+    }
+    const int64_t pooled_n = (int64_t)c.n * s.out_channels * spatial + (int64_t)c.d * H * W;
+    for (int e = threadIdx.x; e < kMaxCout * kTilePositions; e += blockDim.x) {
+      const int co = e / kTilePositions, m = e - co * kTilePositions;
+      const int h = c.h0 + m / kTileW, wpos = c.w0 + m % kTileW;
+      const bool inside = co < s.out_channels && h < H && wpos < W;
+      const int64_t off = pooled_n + co * spatial + (int64_t)h * W + wpos;
+      dzs[m * kSimtDzStride + co] = inside ? dz[off] : 0.f;
+      classes[m * kSimtClassStride + co] = inside ? (window_index[off] & 7u) : 8u;  // 8: none
+    }
+    __syncthreads();
+#pragma unroll 1  // 72 registers (28 warps): one position's 8 float4 loads in flight at a time
+    for (int m = half; m < kTilePositions; m += 2) {
+      const float v = classes[m * kSimtClassStride + lane] == cls ? dzs[m * kSimtDzStride + lane]
+                                                                  : 0.f;
+      const int base = (m / kTileW) * kHaloW + m % kTileW;
+      const float4* xa = reinterpret_cast<const float4*>(xs + (base + shift_a) * kSimtXStride);
+      const float4* xb = reinterpret_cast<const float4*>(xs + (base + shift_b) * kSimtXStride);
+#pragma unroll
+      for (int q = 0; q < CI4; ++q) {
+        const float4 a = xa[q], b = xb[q];
+        acc_a[4 * q + 0] = fmaf(a.x, v, acc_a[4 * q + 0]);
+        acc_a[4 * q + 1] = fmaf(a.y, v, acc_a[4 * q + 1]);
+        acc_a[4 * q + 2] = fmaf(a.z, v, acc_a[4 * q + 2]);
+        acc_a[4 * q + 3] = fmaf(a.w, v, acc_a[4 * q + 3]);
+        acc_b[4 * q + 0] = fmaf(b.x, v, acc_b[4 * q + 0]);
+        acc_b[4 * q + 1] = fmaf(b.y, v, acc_b[4 * q + 1]);
+        acc_b[4 * q + 2] = fmaf(b.z, v, acc_b[4 * q + 2]);
+        acc_b[4 * q + 3] = fmaf(b.w, v, acc_b[4 * q + 3]);
+      }
+    }
+  }
+  // Fixed-order combine: the odd half's sums through shared memory, added by the even half.
+  __syncthreads();
+  float* combine = xs;  // [group][2 * CI4 * 4][lane]
+  if (half == 1) {
+#pragma unroll
+    for (int c = 0; c < CI4 * 4; ++c) {
+      combine[(group * 2 * CI4 * 4 + c) * 32 + lane] = acc_a[c];
+      combine[(group * 2 * CI4 * 4 + CI4 * 4 + c) * 32 + lane] = acc_b[c];
+    }
+  }
+  __syncthreads();
+  if (half == 1) return;
+  float* out = weight_partials + (int64_t)blockIdx.x * kTaps * kMaxCin * kMaxCout;
+  const int k_a = class_tap((int)cls, o_a), k_b = class_tap((int)cls, o_b);
+#pragma unroll
+  for (int c = 0; c < CI4 * 4; ++c) {
+    const float a = acc_a[c] + combine[(group * 2 * CI4 * 4 + c) * 32 + lane];
+    const float b = acc_b[c] + combine[(group * 2 * CI4 * 4 + CI4 * 4 + c) * 32 + lane];
+    float& slot_a = out[(k_a * kMaxCin + c) * kMaxCout + lane];
+    slot_a = accumulate ? slot_a + a : a;  // batch chunks add in a fixed order
+    if (o_b != o_a) {
+      float& slot_b = out[(k_b * kMaxCin + c) * kMaxCout + lane];
+      slot_b = accumulate ? slot_b + b : b;
+    }
+  }
+}
+
+inline size_t grad_weight_simt_smem() {
+  return sizeof(float) * ((size_t)kSimtHalo * kSimtXStride + kTilePositions * kSimtDzStride) +
+         (size_t)kTilePositions * kSimtClassStride;
+}
+
 // ------------------------------------------------------------------ 4. fixed-order reductions
 
 // Items: the padded weight partials [k][ci 16][co 32] (kWeightItems), then the channel
@@ -897,8 +1131,42 @@ auto grad_x_kernel_for(int co_padded) {
   }
 }
 
+template <int CI4>
+cudaError_t launch_simt_chunk(const BlockShape& sc, const BackwardGeometry& gc, int blocks,
+                              const float* x, const float* w, const float* dz,
+                              const uint8_t* window_index, float* grad_x, float* weight_partials, int accumulate,
+                              cudaStream_t stream) {
+  cudaError_t e;
+  if (grad_x) {
+    auto kernel = parity_grad_x_simt_kernel<CI4>;
+    const size_t smem = grad_x_simt_smem();
+    int per_sm = 0;
+    if ((e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem)) != cudaSuccess ||
+        (e = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel), kThreadsSimtX, smem,
+                                    &per_sm)) != cudaSuccess)
+      return e;
+    // Persistent: each block stages the weight rows once.
+    const int64_t needed = (sc.input_numel() / (sc.in_channels > 0 ? sc.in_channels : 1) +
+                            kThreadsSimtX - 1) / kThreadsSimtX;
+    const int grid = (int)std::max<int64_t>(
+        1, std::min<int64_t>(needed, (int64_t)sm_count() * std::max(per_sm, 1)));
+    kernel<<<grid, kThreadsSimtX, smem, stream>>>(dz, window_index, w, grad_x, sc);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  if (weight_partials) {
+    auto kernel = parity_grad_weight_simt_kernel<CI4>;
+    const size_t smem = grad_weight_simt_smem();
+    if ((e = raise_smem_limit(reinterpret_cast<const void*>(kernel), smem)) != cudaSuccess)
+      return e;
+    kernel<<<blocks, kThreadsSimtW, smem, stream>>>(x, dz, window_index, weight_partials, sc, gc,
+                                                    accumulate);
+    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
 template <typename T>
-cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
+cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bool ieee,
                                   cudaStream_t stream) {
   const BackwardGeometry geo = geometry_of(s);
   const WorkspaceLayout l = workspace_layout(s, sm_count());
@@ -938,19 +1206,42 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
       const int blocks = l.blocks < gc.tiles ? l.blocks : gc.tiles;
       const int accumulate = n0 > 0;
       const T* x = static_cast<const T*>(a.x) + n0 * x_image;
+      const T* grad_y = static_cast<const T*>(a.grad_y) + n0 * y_image;
+      const uint8_t* window_index = a.window_index + n0 * y_image;
+      if (ieee) {
+        // IEEE fp32: plain dz (every element recomputing z when y cannot settle it), then the
+        // FFMA kernels (only instantiated for float: ieee is never set for other types).
+        if constexpr (std::is_same<T, float>::value) {
+          parity_dz_from_output_kernel<T, false>
+              <<<dim3(dz_slices, s.out_channels), kThreadsDz, 0, stream>>>(
+                  x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
+                  grad_y, dz_from_output ? static_cast<const T*>(a.y) + n0 * y_image : nullptr,
+                  window_index, packed_dz, channel_partials, nullptr, sc, accumulate);
+          if ((e = cudaGetLastError()) != cudaSuccess) return e;
+          T* grad_x = a.grad_x ? static_cast<T*>(a.grad_x) + n0 * x_image : nullptr;
+          float* partials = a.grad_weight ? weight_partials : nullptr;
+          switch ((s.in_channels + 3) / 4) {
+            case 1: e = launch_simt_chunk<1>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            case 2: e = launch_simt_chunk<2>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            case 3: e = launch_simt_chunk<3>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            default: e = launch_simt_chunk<4>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+          }
+          if (e != cudaSuccess) return e;
+        }
+        continue;
+      }
       // The first chunk's first kernel also writes the dx kernel's weight operand.
       float* write_weights = (a.grad_x && n0 == 0) ? grad_x_weights : nullptr;
       if (dz_from_output) {
-        parity_dz_from_output_kernel<T><<<dim3(dz_slices, s.out_channels), kThreadsDz, 0, stream>>>(
-            x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
-            static_cast<const T*>(a.grad_y) + n0 * y_image,
-            static_cast<const T*>(a.y) + n0 * y_image, a.window_index + n0 * y_image, packed_dz,
-            channel_partials, write_weights, sc, accumulate);
+        parity_dz_from_output_kernel<T, true>
+            <<<dim3(dz_slices, s.out_channels), kThreadsDz, 0, stream>>>(
+                x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier), grad_y,
+                static_cast<const T*>(a.y) + n0 * y_image, window_index, packed_dz,
+                channel_partials, write_weights, sc, accumulate);
       } else {
         winner<<<blocks, kThreadsWinner, smem, stream>>>(
-            x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
-            static_cast<const T*>(a.grad_y) + n0 * y_image, a.window_index + n0 * y_image,
-            packed_dz, channel_partials, write_weights, sc, gc, accumulate);
+            x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier), grad_y,
+            window_index, packed_dz, channel_partials, write_weights, sc, gc, accumulate);
       }
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       if (a.grad_x) {
@@ -970,7 +1261,8 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
         (e = cudaMemsetAsync(a.grad_x, 0, s.input_numel() * sizeof(T), stream)) != cudaSuccess)
       return e;
   }
-  const int channel_blocks = geo.tiles > 0 ? (dz_from_output ? dz_slices : l.blocks) : 0;
+  const int channel_blocks =
+      geo.tiles > 0 ? ((dz_from_output || ieee) ? dz_slices : l.blocks) : 0;
   const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? l.blocks : 0;
   if (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels) {
     parity_reduce_kernel<T><<<kReduceItems / 32, kThreads, 0, stream>>>(
@@ -986,7 +1278,9 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a,
 
 bool parity_backward_supported(const BlockShape& s, DType dtype, bool allow_tf32) {
   if (!s.is_parity_fast_path()) return false;
-  if (dtype == DType::Float64 || (dtype == DType::Float32 && !allow_tf32)) return false;
+  // fp32 without TF32 takes the FFMA kernels; half types the tensor cores either way (their
+  // products are exact in TF32).
+  if (dtype == DType::Float64) return false;
   if (s.in_channels > parity::kMaxCin || s.out_channels > parity::kMaxCout) return false;
   if ((int64_t)s.in_size[0] * s.in_size[1] * s.in_size[2] >= (1LL << 31)) return false;
   const int64_t tiles = s.batch * s.in_size[0] *
@@ -1001,19 +1295,20 @@ int64_t parity_backward_workspace_bytes(const BlockShape& s, DType) {
          (l.grad_x_weight_floats + l.packed_dz_floats + l.channel_floats + l.weight_floats);
 }
 
-cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool /*allow_tf32*/,
+cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool allow_tf32,
                                    const BackwardArgs& a, cudaStream_t stream) {
   switch (dtype) {
-    case DType::Float32: return parity::launch_backward_typed<float>(s, a, stream);
-    case DType::Float16: return parity::launch_backward_typed<__half>(s, a, stream);
-    case DType::BFloat16: return parity::launch_backward_typed<__nv_bfloat16>(s, a, stream);
+    case DType::Float32: return parity::launch_backward_typed<float>(s, a, !allow_tf32, stream);
+    case DType::Float16: return parity::launch_backward_typed<__half>(s, a, false, stream);
+    case DType::BFloat16:
+      return parity::launch_backward_typed<__nv_bfloat16>(s, a, false, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // Explicit instantiations: every shipped kernel appears in `nvcc -Xptxas -v` of this file.
 #define FUSED3D_INSTANTIATE_PARITY_BACKWARD(T)                                                \
-  template __global__ void parity::parity_dz_from_output_kernel<T>(                           \
+  template __global__ void parity::parity_dz_from_output_kernel<T, true>(                     \
       const T*, const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*,     \
       float*, float*, BlockShape, int);                                                       \
   template __global__ void parity::parity_winner_grad_kernel<T>(                              \
@@ -1035,5 +1330,18 @@ cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool /*allo
 FUSED3D_INSTANTIATE_PARITY_BACKWARD(float)
 FUSED3D_INSTANTIATE_PARITY_BACKWARD(__half)
 FUSED3D_INSTANTIATE_PARITY_BACKWARD(__nv_bfloat16)
+template __global__ void parity::parity_dz_from_output_kernel<float, false>(
+    const float*, const float*, const float*, const float*, const float*, const float*,
+    const uint8_t*, float*, float*, float*, BlockShape, int);
+#define FUSED3D_INSTANTIATE_SIMT_BACKWARD(CI4)                                                \
+  template __global__ void parity::parity_grad_x_simt_kernel<CI4>(                            \
+      const float*, const uint8_t*, const float*, float*, BlockShape);                        \
+  template __global__ void parity::parity_grad_weight_simt_kernel<CI4>(                       \
+      const float*, const float*, const uint8_t*, float*, BlockShape,                         \
+      parity::BackwardGeometry, int);
+FUSED3D_INSTANTIATE_SIMT_BACKWARD(1)
+FUSED3D_INSTANTIATE_SIMT_BACKWARD(2)
+FUSED3D_INSTANTIATE_SIMT_BACKWARD(3)
+FUSED3D_INSTANTIATE_SIMT_BACKWARD(4)
 
 }  // namespace fused3d_cuda
