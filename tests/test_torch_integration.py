@@ -190,7 +190,7 @@ def test_training_loop_moves_multiplier(backend_name, device, generator):
                          ids=["float32", "float32-ieee", "float64"])
 def test_backward_op_without_saved_output(backend_name, device, generator, dtype, allow_tf32):
     """``y=None`` means "not saved": the gradients are the same, recomputed (with TF32 allowed
-    and not: the cuda backend's IEEE-fp32 backward recomputes them another way)."""
+    and not: the cuda and cupy backends' IEEE-fp32 backwards recompute them per element)."""
     from fused3d.testing import relative_error, tolerance_for
 
     inputs = make_inputs(Case(in_channels=8, out_channels=6), dtype, device, generator)

@@ -47,7 +47,16 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
         ),
     ),
     # The plain kernels of this file are extern "C": CuPy finds them by name.
-    "parity_backward.cu": ("parity_grad_x_tf32<1>", "parity_grad_x_tf32<2>"),
+    "parity_backward.cu": (
+        "parity_grad_x_tf32<1>",
+        "parity_grad_x_tf32<2>",
+        "grad_z_from_output<true>",
+        "grad_z_from_output<false>",
+        "grad_weight_reduce<true>",
+        "grad_weight_reduce<false>",
+        *(f"{kernel}<{ci4}>" for kernel in ("parity_grad_x_ffma", "parity_grad_weight_ffma")
+          for ci4 in (1, 2, 3, 4)),
+    ),
 }
 
 COMPILE_OPTIONS = ("--std=c++17",)

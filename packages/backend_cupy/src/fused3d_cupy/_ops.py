@@ -61,6 +61,11 @@ TF32_MAX_IN_CHANNELS = 16
 FFMA_MAX_IN_CHANNELS = 24
 #: Its dx kernel stages grad_z of all output channels in shared memory: C_out <= 64.
 TF32_MAX_OUT_CHANNELS_BACKWARD = 64
+#: The IEEE fp32 backward (parity_grad_x_ffma / parity_grad_weight_ffma) keeps a position's
+#: input channels in registers (C_in <= 16) and stages 27 weight rows of all output channels
+#: (C_out <= 64: 111 KB of shared memory).
+FFMA_MAX_IN_CHANNELS_BACKWARD = 16
+FFMA_MAX_OUT_CHANNELS_BACKWARD = 64
 
 # Parameter lists of the kernels (struct codes: P pointer, i int, d double), in source order.
 _SIG_TF32 = "10P 8i d 5i"
@@ -77,6 +82,8 @@ _SIG_GRAD_WEIGHT_REDUCE = "2P 4i"
 _SIG_PACK = "2P 4i"
 _SIG_GRAD_X = "3P 10i"
 _SIG_GRAD_Z_FROM_OUTPUT = "10P 8i d"
+_SIG_GRAD_X_FFMA = "4P 7i"
+_SIG_GRAD_WEIGHT_FFMA = "4P 9i"
 
 
 @cache
@@ -162,6 +169,18 @@ def uses_ffma_path(x: torch.Tensor, config: BlockConfig, allow_tf32: bool) -> bo
     )
 
 
+def uses_ffma_backward(x: torch.Tensor, weight: torch.Tensor, config: BlockConfig,
+                       allow_tf32: bool) -> bool:
+    return (
+        config.is_parity_fast_path
+        and x.dtype == torch.float32
+        and not allow_tf32
+        and x.shape[1] <= FFMA_MAX_IN_CHANNELS_BACKWARD
+        and weight.shape[1] <= FFMA_MAX_OUT_CHANNELS_BACKWARD
+        and math.prod(x.shape[2:]) < 2**31
+    )
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -196,7 +215,7 @@ def _forward_plan(x, weight, bias, multiplier, stride, padding, output_padding, 
             plan.kernel = _kernel("parity_forward.cu", f"parity_forward_tc<{ksteps}>", index,
                                   _SIG_PERSISTENT)
             tiles, tiles_h, tiles_w = _persistent_tiles(x.shape)
-            plan.shared = _persistent_shared(plan.kernel, _tc_shared_bytes(ksteps))
+            plan.shared = _raise_shared(plan.kernel, _tc_shared_bytes(ksteps))
             # Persistent: one block of 16 warps per SM, spread over the 32-channel chunks.
             chunks = math.ceil(c_out / 32)
             plan.grid = (max(1, min(tiles, math.ceil(_sm_count(index) / chunks))), chunks)
@@ -207,7 +226,7 @@ def _forward_plan(x, weight, bias, multiplier, stride, padding, output_padding, 
             plan.kernel = _kernel("parity_forward.cu", f"parity_forward_ffma<{ksteps}>", index,
                                   _SIG_PERSISTENT)
             tiles, tiles_h, tiles_w = _persistent_tiles(x.shape)
-            plan.shared = _persistent_shared(plan.kernel, _ffma_shared_bytes(ksteps))
+            plan.shared = _raise_shared(plan.kernel, _ffma_shared_bytes(ksteps))
             # Persistent: the resident blocks (two per SM where the shared memory allows),
             # spread over the 32-channel chunks.
             per_sm = 2 if 2 * plan.shared <= _SM_SHARED_BYTES else 1
@@ -298,8 +317,11 @@ def backward_impl(grad_y, y, window_index, x, weight, bias, multiplier, stride, 
         stream = _raw_stream(index)
         if (uses_tf32_path(x, config, allow_tf32)
                 and weight.shape[1] <= TF32_MAX_OUT_CHANNELS_BACKWARD):
-            return _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier,
-                                         negative_slope, wanted, index, stream)
+            return _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier,
+                                    negative_slope, wanted, index, stream, ieee=False)
+        if uses_ffma_backward(x, weight, config, allow_tf32):
+            return _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier,
+                                    negative_slope, wanted, index, stream, ieee=True)
         return _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
                                  wanted, index, stream)
 
@@ -367,12 +389,16 @@ def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 
-def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, negative_slope,
-                          wanted, index, stream):
+def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negative_slope,
+                     wanted, index, stream, ieee):
     """Per batch chunk: grad_z at the winners (from the saved output y when it settles the
-    derivative, else recomputed by the forward's GEMM), then the dweight partials and dx
-    (GEMM-shaped); then fixed-order reductions of the channel and dweight partials
-    (deterministic)."""
+    derivative, else recomputed), then the dweight partials and dx; then fixed-order reductions
+    of the channel and dweight partials (deterministic).
+
+    ``ieee`` False (TF32): grad_z packed as TF32 with its class bits, recomputed by the forward's
+    GEMM where y is not used; tensor-core dweight and dx. True (IEEE fp32): plain fp32 grad_z,
+    recomputed per element where y is not used; FFMA dweight and dx.
+    """
     want_x, want_weight, want_bias, want_multiplier = wanted
     n, c_in, d, h, w = x.shape
     c_out = weight.shape[1]
@@ -383,35 +409,47 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
     chunk = n
     if BACKWARD_CHUNK_BYTES > 0 and grad_z_bytes > BACKWARD_CHUNK_BYTES:
         chunk = max(1, math.ceil(n * BACKWARD_CHUNK_BYTES / grad_z_bytes))
+    # The dweight kernels count a chunk's tiles in an int.
+    tiles_per_image = d * math.ceil(h / 4) * math.ceil(w / 32)
+    chunk = max(1, min(chunk, (2**31 - 1) // tiles_per_image))
     starts = range(0, n, chunk)
 
     # y settles the derivative only for a positive slope (grad_z_from_output); the bounds keep
-    # the slopes' products with any multiplier the kernel trusts normal numbers.
-    from_output = (y is not None and 2.0**-10 <= negative_slope <= 2.0**10
-                   and spatial < 2**31)
+    # the slopes' products with any multiplier the kernel trusts normal numbers. The IEEE path
+    # always runs grad_z_from_output, with no y where it cannot be used (every element
+    # recomputes z then).
+    y_usable = (y is not None and 2.0**-10 <= negative_slope <= 2.0**10 and spatial < 2**31)
+    from_output = ieee or y_usable
     tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
     if from_output:  # slices of >= 1024 pooled positions per channel, one partial row each
         grids_z = [max(1, min(sms, spatial // 1024)) for _ in starts]
     else:
         grids_z = [min(min(chunk, n - b0) * math.prod(tiles), 2 * sms) for b0 in starts]
-    tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
-    grid_w = min(chunk * math.prod(tiles_w), 2 * sms)
+    co_chunks = math.ceil(c_out / 32)
+    if ieee:
+        # One resident block of 28 warps per SM, spread over the 32-channel chunks.
+        ffma_tiles_h, ffma_tiles_w = math.ceil(h / 8), math.ceil(w / 32)
+        grid_w = max(1, min(chunk * d * ffma_tiles_h * ffma_tiles_w, math.ceil(sms / co_chunks)))
+    else:
+        tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
+        grid_w = min(chunk * math.prod(tiles_w), 2 * sms)
     tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))
     ksteps_in = 1 if c_in <= 8 else 2
     ksteps_out = math.ceil(c_out / 8)
     ntiles = 1 if c_in <= 8 else 2
+    ci4 = math.ceil(c_in / 4)
 
+    # grad_z of one chunk: packed TF32 words, or fp32 bits (IEEE).
     grad_z = torch.empty((chunk, c_out, d, h, w), dtype=torch.int32, device=device)
     partial_bias = torch.empty((sum(grids_z), c_out), dtype=torch.float32, device=device)
     partial_multiplier = torch.empty_like(partial_bias)
-    # One partial per dweight block, in the kernel's accumulator order (16 x 32 x 27 slots per
-    # 32-output-channel chunk; grad_weight_reduce maps them back to weights).
-    co_chunks = math.ceil(c_out / 32)
+    # One partial per dweight block (16 x 32 x 27 slots per 32-output-channel chunk, in the
+    # kernel's order; grad_weight_reduce maps them back to weights).
     weight_slots = co_chunks * _GRAD_WEIGHT_PARTIAL_SLOTS
     partial_weight = (torch.empty((grid_w, weight_slots), dtype=torch.float32, device=device)
                       if want_weight else None)
     fragments = (torch.empty(27 * ksteps_out * ntiles * 64, dtype=torch.int32, device=device)
-                 if want_x else None)
+                 if want_x and not ieee else None)
     dx = torch.empty_like(x) if want_x else None
 
     xp, wp, zp = _address(x, stream), _address(weight, stream), _address(grad_z, stream)
@@ -419,31 +457,41 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
     pbp, pmp = _address(partial_bias, stream), _address(partial_multiplier, stream)
     pwp = _address(partial_weight, stream)
     dxp = _address(dx, stream)
-    fragments_at = _address(fragments, stream)
     flags = (_multiplier_stride(multiplier), int(bias is not None), float(negative_slope))
     if from_output:
-        y = y.contiguous()  # held until the launches are enqueued
-        yp = _address(y, stream)
-        from_output_kernel = _kernel("parity_backward.cu", "grad_z_from_output", index,
-                                     _SIG_GRAD_Z_FROM_OUTPUT)
+        yp = 0
+        if y_usable:
+            y = y.contiguous()  # held until the launches are enqueued
+            yp = _address(y, stream)
+        from_output_kernel = _kernel(
+            "parity_backward.cu", f"grad_z_from_output<{'false' if ieee else 'true'}>", index,
+            _SIG_GRAD_Z_FROM_OUTPUT)
     else:
         grad_z_kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", index,
                                 _SIG_TF32)
         grad_z_shared = _tf32_shared(grad_z_kernel, ksteps_in)
-    if want_weight:
+    if want_weight and ieee:
+        grad_weight_kernel = _kernel("parity_backward.cu", f"parity_grad_weight_ffma<{ci4}>",
+                                     index, _SIG_GRAD_WEIGHT_FFMA)
+        grad_weight_shared = _raise_shared(grad_weight_kernel, _ffma_grad_weight_shared(ci4))
+    elif want_weight:
         grad_weight_kernel = _kernel("parity_backward.cu", "parity_grad_weight_tf32", index,
                                      _SIG_GRAD_WEIGHT)
-    if want_x:
+    if want_x and ieee:
+        grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_ffma<{ci4}>", index,
+                                _SIG_GRAD_X_FFMA)
+        row_stride = _ffma_row_stride(c_out, ci4)
+        shared = _raise_shared(grad_x_kernel, 27 * row_stride * 4)
+        # Grid-stride over a chunk's input positions, at most the resident blocks.
+        grid_x_limit = sms * _resident_blocks(grad_x_kernel, 256, shared)
+    elif want_x:
+        fragments_at = _address(fragments, stream)
         _kernel("parity_backward.cu", "pack_weight_fragments", index, _SIG_PACK).launch(
             (math.ceil(27 * ksteps_out * ntiles * 32 / 256), 1), 256, stream,
             (wp, fragments_at, c_in, c_out, ksteps_out, ntiles))
         grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_tf32<{ntiles}>", index,
                                 _SIG_GRAD_X)
-        shared = ksteps_out * 8 * _grad_x_channel_stride() * 4
-        if shared > 48 * 1024 and (id(grad_x_kernel), shared) not in _raised_shared:
-            grad_x_kernel.raw.max_dynamic_shared_size_bytes = shared
-            _raised_shared.add((id(grad_x_kernel), shared))
-        fp = fragments_at
+        shared = _raise_shared(grad_x_kernel, ksteps_out * 8 * _grad_x_channel_stride() * 4)
 
     row = 0
     for step, b0 in enumerate(starts):
@@ -451,15 +499,14 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
         x_at = xp + b0 * c_in * spatial * 4
         pooled_at = b0 * c_out * spatial
         dims = (size, c_in, c_out, d, h, w)
-        # 1. grad_z at the winners + channel partials: from y, or recomputed with the same
-        # TF32 arithmetic as the forward.
+        # 1. grad_z at the winners + channel partials: from y, or recomputed (TF32: with the
+        # forward's arithmetic; IEEE: per element).
         if from_output:
             from_output_kernel.launch(
                 (grids_z[step], c_out), 256, stream,
                 (x_at, wp, _address(bias, stream), _address(multiplier, stream),
-                 gyp + 4 * pooled_at, yp + 4 * pooled_at, ip + pooled_at, zp,
-                 pbp + 4 * row * c_out, pmp + 4 * row * c_out, size, c_in, c_out, d, h, w,
-                 flags[0], flags[1], flags[2]))
+                 gyp + 4 * pooled_at, yp + 4 * pooled_at if yp else 0, ip + pooled_at, zp,
+                 pbp + 4 * row * c_out, pmp + 4 * row * c_out, *dims, *flags))
         else:
             grad_z_kernel.launch(
                 (grids_z[step], math.ceil(c_out / 32)), 128, stream,
@@ -470,16 +517,27 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
                 shared_mem=grad_z_shared)
         row += grids_z[step]
         # 2. dweight partials, one per block, accumulated over the chunks.
-        if want_weight:
+        if want_weight and ieee:
             grad_weight_kernel.launch(
-                (grid_w, math.ceil(c_out / 32)), 128, stream,
+                (grid_w, co_chunks), 896, stream,
+                (x_at, zp, ip + pooled_at, pwp, *dims, ffma_tiles_h, ffma_tiles_w,
+                 int(step > 0)),
+                shared_mem=grad_weight_shared)
+        elif want_weight:
+            grad_weight_kernel.launch(
+                (grid_w, co_chunks), 128, stream,
                 (x_at, zp, pwp, *dims, *tiles_w, int(step > 0)))
-        # 3. dx of the chunk: implicit GEMM over (offset, class) blocks.
-        if want_x:
+        # 3. dx of the chunk.
+        dx_at = dxp + b0 * c_in * spatial * 4
+        if want_x and ieee:
+            grid_x = max(1, min(math.ceil(size * spatial / 256), grid_x_limit))
+            grad_x_kernel.launch(
+                (grid_x, 1), 256, stream,
+                (zp, ip + pooled_at, wp, dx_at, *dims, row_stride), shared_mem=shared)
+        elif want_x:
             grad_x_kernel.launch(
                 (size * math.prod(tiles_x), 1), 128, stream,
-                (zp, fp, dxp + b0 * c_in * spatial * 4, *dims, ksteps_out, *tiles_x),
-                shared_mem=shared)
+                (zp, fragments_at, dx_at, *dims, ksteps_out, *tiles_x), shared_mem=shared)
 
     dbias_acc = dmult_acc = None
     if want_bias or want_multiplier:
@@ -491,17 +549,38 @@ def _backward_parity_tf32(grad_y, y, window_index, x, weight, bias, multiplier, 
     dweight = None
     if want_weight:
         dweight = torch.empty_like(weight)
-        _kernel("parity_backward.cu", "grad_weight_reduce", index,
-                _SIG_GRAD_WEIGHT_REDUCE).launch(
+        _kernel("parity_backward.cu", f"grad_weight_reduce<{'true' if ieee else 'false'}>",
+                index, _SIG_GRAD_WEIGHT_REDUCE).launch(
             (min(math.ceil(weight_slots / 32), 8 * sms), 1), _THREADS, stream,
             (pwp, _address(dweight, stream), grid_w, weight_slots, c_in, c_out))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)
 
 
 _raised_shared: set[tuple[int, int]] = set()
-#: grad_w_tile::kPartialSlots in parity_backward.cu: one 32-output-channel chunk's dweight
-#: partial of one block (27 taps x 4 accumulators x 128 threads).
-_GRAD_WEIGHT_PARTIAL_SLOTS = 27 * 4 * 128
+#: grad_w_tile::kPartialSlots (== grad_w_ffma_tile::kPartialSlots) in parity_backward.cu: one
+#: 32-output-channel chunk's dweight partial of one block (27 taps x 16 x 32 channels).
+_GRAD_WEIGHT_PARTIAL_SLOTS = 27 * 16 * 32
+
+
+def _ffma_row_stride(c_out: int, ci4: int) -> int:
+    """parity_grad_x_ffma's weight row stride: C_out x 4 CI4 floats, padded to 4 (mod 32)."""
+    return math.ceil(c_out * 4 * ci4 / 32) * 32 + 4
+
+
+def _ffma_grad_weight_shared(ci4: int) -> int:
+    """parity_grad_weight_ffma (grad_w_ffma_tile): the x halo (594 positions x (4 CI4 + 4)
+    floats), the grad_z tile (256 x 33 floats) and its class bytes (256 x 36)."""
+    return 4 * (594 * (4 * ci4 + 4) + 256 * 33) + 256 * 36
+
+
+def _resident_blocks(kernel: Kernel, threads: int, shared: int) -> int:
+    """Blocks of ``kernel`` one SM holds at once (threads, registers, shared memory)."""
+    warps = math.ceil(threads / 32)
+    registers_per_warp = math.ceil(max(1, kernel.raw.num_regs) * 32 / 256) * 256
+    by_threads = 2048 // threads
+    by_registers = 65536 // (registers_per_warp * warps)
+    by_shared = _SM_SHARED_BYTES // (shared + 1024)
+    return max(1, min(by_threads, by_registers, by_shared, 32))
 
 
 def _tf32_staging() -> tuple[int, int]:
@@ -515,11 +594,7 @@ def _tf32_shared(kernel: Kernel, ksteps: int) -> int:
     positions = 3 * 5 * 33  # (2+1) x (4+1) x (32+1)
     channel_stride = ((positions - 8 + 31) // 32) * 32 + 8
     buffers = 2 if (ASYNC_STAGING and PIPELINE) else 1
-    shared = buffers * 8 * ksteps * channel_stride * 4
-    if shared > 48 * 1024 and (id(kernel), shared) not in _raised_shared:
-        kernel.raw.max_dynamic_shared_size_bytes = shared
-        _raised_shared.add((id(kernel), shared))
-    return shared
+    return _raise_shared(kernel, buffers * 8 * ksteps * channel_stride * 4)
 
 
 def _persistent_tiles(x_shape) -> tuple[int, int, int]:
@@ -548,9 +623,10 @@ def _ffma_shared_bytes(ksteps: int) -> int:
     return 4 * (27 * ci_padded * 32 + ci_padded * _X_TILE_CHANNEL + 3 * 32)
 
 
-def _persistent_shared(kernel: Kernel, shared: int) -> int:
-    """Raise the kernel's dynamic shared memory limit (default 48 KB) to ``shared`` bytes."""
-    if (id(kernel), shared) not in _raised_shared:
+def _raise_shared(kernel: Kernel, shared: int) -> int:
+    """Raise the kernel's dynamic shared memory limit (default 48 KB) to ``shared`` bytes where
+    it is above the default; returns ``shared``."""
+    if shared > 48 * 1024 and (id(kernel), shared) not in _raised_shared:
         kernel.raw.max_dynamic_shared_size_bytes = shared
         _raised_shared.add((id(kernel), shared))
     return shared

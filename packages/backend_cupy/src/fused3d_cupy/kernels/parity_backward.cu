@@ -10,6 +10,10 @@
 //   dx[m][ci]            = sum_a sum_{c uses a} sum_co DZc[m - a][co] * w[ci][co][tap(c, a)]
 //   dweight[ci][co][tap] = sum_q x[q + a][ci] * DZc[q][co]          (tap = tap(c, a))
 // Both are implicit GEMMs over the same 27 (class, offset) blocks as the forward.
+//
+// IEEE fp32 (allow_tf32 off) takes the same three steps with plain fp32 FFMA instead: grad_z
+// unpacked (its class read from the window index), parity_grad_x_ffma and
+// parity_grad_weight_ffma below.
 #include "common.cuh"
 
 // Mask a packed grad_z word to class c: its TF32 value when the winner is c, else 0.
@@ -293,7 +297,12 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
 // zero, subnormal, infinite or NaN; m zero, below 2^-100, above 2^100 or non-finite) the
 // element recomputes z by direct summation in fp32. Grid (slices, Cout): block (b, co) walks
 // slice b of channel co's pooled positions in every image and writes partial row b.
-extern "C" __global__ void __launch_bounds__(256) grad_z_from_output(
+//
+// kPacked: the TF32 kernels' packed word (TF32 dz, class in the low 3 bits); else the plain fp32
+// dz bits (the IEEE path). y null: every element recomputes z (the IEEE path when y is not
+// saved or the slope rules it out; the TF32 path runs parity_tf32<.., true> instead).
+template <bool kPacked>
+__global__ void __launch_bounds__(256) grad_z_from_output(
     const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const float* __restrict__ multiplier, const float* __restrict__ grad_y,
     const float* __restrict__ y, const unsigned char* __restrict__ window_index,
@@ -315,7 +324,8 @@ extern "C" __global__ void __launch_bounds__(256) grad_z_from_output(
         for (int q = begin + (int)threadIdx.x; q < end; q += blockDim.x) {
             const long long e = base + q;
             const int win = window_index[e] & 7;
-            const float gy = grad_y[e], yv = y[e];
+            const float gy = grad_y[e];
+            const float yv = y ? y[e] : __int_as_float(0x7fc00000);  // NaN: recompute
             float dz, multiplier_term;
             if (m_usable && fabsf(yv) >= 1.17549435e-38f && fabsf(yv) <= 3.40282347e38f) {
                 const bool v_positive = yv > 0.0f, z_positive = v_positive == (m > 0.0f);
@@ -342,7 +352,8 @@ extern "C" __global__ void __launch_bounds__(256) grad_z_from_output(
             }
             sum_bias += dz;
             sum_multiplier += multiplier_term;
-            grad_z_packed[e] = (to_tf32(dz) & ~7u) | static_cast<unsigned int>(win);
+            grad_z_packed[e] = kPacked ? (to_tf32(dz) & ~7u) | static_cast<unsigned int>(win)
+                                       : __float_as_uint(dz);
         }
     }
     // Fixed-order reduction: a shuffle tree per warp, then the 8 warps in order.
@@ -364,22 +375,260 @@ extern "C" __global__ void __launch_bounds__(256) grad_z_from_output(
     }
 }
 
-// dweight from parity_grad_weight_tf32's partials: slot i summed over parts p (the blocks of
-// the x grid) in a fixed order (deterministic), then written to its weight (ci, co, tap), the
-// padding slots skipped. Block = 32 slots x 8 part groups: group k adds parts k, k + 8, k + 16,
-// ... (many loads in flight per slot), then the 8 group sums are added in group order.
+// ------------------------------------------------------------------ IEEE fp32 (FFMA)
+//
+// The algorithm of the cuda backend's IEEE-fp32 parity backward (parity_grad_x_simt_kernel,
+// parity_grad_weight_simt_kernel), written again for this toolchain.
+
+// dx weight rows, one per (offset o, class c that uses o), ordered by o and then by j = c's bits
+// on the axes o leaves free (free_bit_index), so o's 2^(3 - |o|) rows are consecutive. A row is
+// w[ci][co][class_tap(c, o)] as [co][ci padded to 4 CI4], rows `row_stride` floats apart, with
+// row_stride == 4 (mod 32) (the host pads it): the up to 8 rows of one offset that a warp reads
+// at one co start in 8 distinct 16-byte bank groups.
+__host__ __device__ constexpr int free_bit_index(int cls, int o) {
+    int j = 0, bit = 0;
+    for (int axis = 0; axis < 3; ++axis)
+        if (!((o >> axis) & 1)) j |= ((cls >> axis) & 1) << bit++;
+    return j;
+}
+// The first row of offset o: each earlier offset o' owns 2^(3 - |o'|) rows.
+__host__ __device__ constexpr int offset_first_row(int o) {
+    int row = 0;
+    for (int earlier = 0; earlier < o; ++earlier)
+        row += 8 >> (((earlier >> 2) & 1) + ((earlier >> 1) & 1) + (earlier & 1));
+    return row;
+}
+
+// dx[i] = sum over o and co of grad_z[i - o, co] * w[:, co, class_tap(c, o)], c the class
+// (window winner) of pooled (i - o, co), taken only where c uses o. Every pooled element has one
+// class, so each (o, co) adds one weight row picked by c: 8 x C_out row reads per input
+// position, not the 27 x C_out of a dense sum over classes. One thread per input position with
+// all its input channels in registers; each dx element is written once by its thread (no
+// atomics, fixed order: deterministic). Grid-stride over positions (the host caps the grid at
+// the resident blocks, so each block stages the rows once).
+template <int CI4>  // input channels padded to 4, / 4
+__global__ void __launch_bounds__(256) parity_grad_x_ffma(
+    const float* __restrict__ grad_z, const unsigned char* __restrict__ window_index,
+    const float* __restrict__ weight, float* __restrict__ grad_x, int N, int Cin, int Cout,
+    int D, int H, int W, int row_stride) {
+    constexpr int CI = 4 * CI4;
+    extern __shared__ float4 rows4[];
+    float* rows = reinterpret_cast<float*>(rows4);  // [27][row_stride]
+    const int row_floats = Cout * CI;
+    for (int e = threadIdx.x; e < 27 * row_floats; e += blockDim.x) {
+        const int row = e / row_floats, rest = e - row * row_floats;
+        const int co = rest / CI, ci = rest - co * CI;
+        int o = 0;
+        while (o < 7 && offset_first_row(o + 1) <= row) ++o;
+        // The class from j: j's bits go back to the axes o leaves free; o's own axes are set.
+        int j = row - offset_first_row(o), cls = o;
+        for (int axis = 0; axis < 3; ++axis)
+            if (!((o >> axis) & 1)) {
+                cls |= (j & 1) << axis;
+                j >>= 1;
+            }
+        rows[row * row_stride + rest] =
+            ci < Cin ? weight[((long long)ci * Cout + co) * 27 + class_tap(cls, o)] : 0.0f;
+    }
+    __syncthreads();
+    const int spatial = D * H * W;  // pooled grid == input grid; < 2^31 (checked by the host)
+    const long long positions = (long long)N * spatial;
+    for (long long position = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+         position < positions; position += (long long)gridDim.x * blockDim.x) {
+        const int n = (int)(position / spatial);
+        const int p = (int)(position - (long long)n * spatial);
+        const int iw = p % W, ih = (p / W) % H, id = p / (W * H);
+        float acc[CI];
+#pragma unroll
+        for (int c = 0; c < CI; ++c) acc[c] = 0.0f;
+#pragma unroll
+        for (int o = 0; o < 8; ++o) {
+            const int od = (o >> 2) & 1, oh = (o >> 1) & 1, ow = o & 1;
+            if (id < od || ih < oh || iw < ow) continue;  // i - o before the grid: no window
+            const long long m = (long long)n * Cout * spatial + p - (od * H + oh) * W - ow;
+            const float* grad_z_m = grad_z + m;
+            const unsigned char* class_m = window_index + m;
+            const float* offset_rows = rows + offset_first_row(o) * row_stride;
+#pragma unroll 2
+            for (int co = 0; co < Cout; ++co) {
+                const long long channel = (long long)co * spatial;
+                const int cls = class_m[channel] & 7;
+                // A class that does not read x at m + o adds nothing (its row is one of o's).
+                const float v = (cls & o) == o ? grad_z_m[channel] : 0.0f;
+                const float4* row = reinterpret_cast<const float4*>(
+                    offset_rows + free_bit_index(cls, o) * row_stride + co * CI);
+#pragma unroll
+                for (int q = 0; q < CI4; ++q) {
+                    const float4 wv = row[q];
+                    acc[4 * q + 0] = fmaf(v, wv.x, acc[4 * q + 0]);
+                    acc[4 * q + 1] = fmaf(v, wv.y, acc[4 * q + 1]);
+                    acc[4 * q + 2] = fmaf(v, wv.z, acc[4 * q + 2]);
+                    acc[4 * q + 3] = fmaf(v, wv.w, acc[4 * q + 3]);
+                }
+            }
+        }
+        float* out = grad_x + (long long)n * Cin * spatial + p;
+#pragma unroll
+        for (int ci = 0; ci < CI; ++ci)
+            if (ci < Cin) out[(long long)ci * spatial] = acc[ci];
+    }
+}
+
+// dweight[ci][co][class_tap(c, o)] = sum over pooled m of class c of x[m + o][ci] grad_z[m][co].
+// A lane owns one output channel (of the block's 32-channel chunk, blockIdx.y); a warp owns two
+// (class, offset) pairs of one class, so one class test serves both: the 27 pairs make 14
+// groups (class 0's single pair is taken twice, the copy not written). 28 warps: the block's two
+// halves take the even and the odd positions of each tile and add their sums in a fixed order
+// at the end. The class test keeps the sum dense over a tile's positions, as the TF32 kernel's
+// masked MMAs; x past the input and grad_z past the pooled grid are staged as zero. Each block
+// writes its partial in the layout [tap][ci 16][co 32]; grad_weight_reduce<true> adds them.
+namespace grad_w_ffma_tile {
+constexpr int TH = 8, TW = 32;                  // one depth row of 8 x 32 pooled positions
+constexpr int XH = TH + 1, XW = TW + 1;         // x halo {tile, tile + 1}
+constexpr int XPOS = 2 * XH * XW;               // 594
+constexpr int QPOS = TH * TW;                   // 256
+constexpr int ZS = 32 + 1;                      // grad_z [position][co]: conflict-free both ways
+constexpr int CS = 32 + 4;                      // class bytes [position][co]
+constexpr int kGroups = 14;
+constexpr int kThreads = 2 * kGroups * 32;      // 896
+constexpr int kPartialSlots = 27 * 16 * 32;     // == grad_w_tile::kPartialSlots
+}  // namespace grad_w_ffma_tile
+
+// Group -> its class and two offsets (both used by the class).
+__constant__ signed char kFfmaGroupClass[14] = {0, 1, 2, 4, 3, 3, 5, 5, 6, 6, 7, 7, 7, 7};
+__constant__ signed char kFfmaGroupOffset[14][2] = {
+    {0, 0}, {0, 1}, {0, 2}, {0, 4}, {0, 1}, {2, 3}, {0, 1},
+    {4, 5}, {0, 2}, {4, 6}, {0, 1}, {2, 3}, {4, 5}, {6, 7}};
+
+template <int CI4>
+__global__ void __launch_bounds__(896, 1) parity_grad_weight_ffma(
+    const float* __restrict__ x, const float* __restrict__ grad_z,
+    const unsigned char* __restrict__ window_index, float* __restrict__ partial_weight, int N,
+    int Cin, int Cout, int D, int H, int W, int tiles_h, int tiles_w, int accumulate) {
+    using namespace grad_w_ffma_tile;
+    constexpr int CI = 4 * CI4;
+    constexpr int XS = CI + 4;  // x halo [position][ci], 16-byte rows
+    extern __shared__ float4 smem4[];
+    float* xs = reinterpret_cast<float*>(smem4);                          // [XPOS][XS]
+    float* zs = xs + XPOS * XS;                                           // [QPOS][ZS]
+    unsigned char* classes = reinterpret_cast<unsigned char*>(zs + QPOS * ZS);  // [QPOS][CS]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = warp % kGroups, half = warp / kGroups;
+    const int cls = kFfmaGroupClass[group];
+    const int o_a = kFfmaGroupOffset[group][0], o_b = kFfmaGroupOffset[group][1];
+    // Halo distance from x[m] to x[m + o].
+    const int shift_a = (((o_a >> 2) & 1) * XH + ((o_a >> 1) & 1)) * XW + (o_a & 1);
+    const int shift_b = (((o_b >> 2) & 1) * XH + ((o_b >> 1) & 1)) * XW + (o_b & 1);
+    const int co_block = blockIdx.y * 32;
+    const long long spatial = (long long)D * H * W;
+    float acc_a[CI], acc_b[CI];
+#pragma unroll
+    for (int c = 0; c < CI; ++c) acc_a[c] = acc_b[c] = 0.0f;
+
+    const int num_tiles = N * D * tiles_h * tiles_w;
+    for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+        int rest = tile;
+        const int w0 = (rest % tiles_w) * TW; rest /= tiles_w;
+        const int h0 = (rest % tiles_h) * TH; rest /= tiles_h;
+        const int d0 = rest % D;
+        const int n = rest / D;
+        __syncthreads();  // the previous tile's reads are done
+        const float* x_n = x + (long long)n * Cin * spatial;
+        for (int e = threadIdx.x; e < CI * XPOS; e += blockDim.x) {
+            const int ci = e / XPOS, pos = e - ci * XPOS;
+            const int lw = pos % XW, lh = (pos / XW) % XH, ld = pos / (XW * XH);
+            const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw;
+            const bool inside = ci < Cin && gd < D && gh < H && gw < W;
+            xs[pos * XS + ci] = inside ? x_n[ci * spatial + ((long long)gd * H + gh) * W + gw] : 0.0f;
+        }
+        const long long pooled_n = (long long)n * Cout * spatial + (long long)d0 * H * W;
+        for (int e = threadIdx.x; e < 32 * QPOS; e += blockDim.x) {
+            const int co_l = e / QPOS, m = e - co_l * QPOS;
+            const int gh = h0 + m / TW, gw = w0 + m % TW, co = co_block + co_l;
+            const bool inside = co < Cout && gh < H && gw < W;
+            const long long at = pooled_n + co * spatial + (long long)gh * W + gw;
+            zs[m * ZS + co_l] = inside ? grad_z[at] : 0.0f;
+            classes[m * CS + co_l] = inside ? (window_index[at] & 7) : 8;  // 8: no class
+        }
+        __syncthreads();
+#pragma unroll 1  // one position's loads in flight at a time: 72 registers for 28 warps
+        for (int m = half; m < QPOS; m += 2) {
+            const float v = classes[m * CS + lane] == cls ? zs[m * ZS + lane] : 0.0f;
+            const int base = (m / TW) * XW + m % TW;
+            const float4* xa = reinterpret_cast<const float4*>(xs + (base + shift_a) * XS);
+            const float4* xb = reinterpret_cast<const float4*>(xs + (base + shift_b) * XS);
+#pragma unroll
+            for (int q = 0; q < CI4; ++q) {
+                const float4 a = xa[q], b = xb[q];  // the same address in every lane: broadcast
+                acc_a[4 * q + 0] = fmaf(a.x, v, acc_a[4 * q + 0]);
+                acc_a[4 * q + 1] = fmaf(a.y, v, acc_a[4 * q + 1]);
+                acc_a[4 * q + 2] = fmaf(a.z, v, acc_a[4 * q + 2]);
+                acc_a[4 * q + 3] = fmaf(a.w, v, acc_a[4 * q + 3]);
+                acc_b[4 * q + 0] = fmaf(b.x, v, acc_b[4 * q + 0]);
+                acc_b[4 * q + 1] = fmaf(b.y, v, acc_b[4 * q + 1]);
+                acc_b[4 * q + 2] = fmaf(b.z, v, acc_b[4 * q + 2]);
+                acc_b[4 * q + 3] = fmaf(b.w, v, acc_b[4 * q + 3]);
+            }
+        }
+    }
+    // Fixed-order combine: the odd half's sums through shared memory, added by the even half.
+    __syncthreads();
+    float* combine = xs;  // [group][2 CI][lane], over the x halo and the grad_z tile
+    static_assert(kGroups * 2 * CI * 32 <= XPOS * XS + QPOS * ZS, "combine buffer too small");
+    if (half == 1) {
+#pragma unroll
+        for (int c = 0; c < CI; ++c) {
+            combine[(group * 2 * CI + c) * 32 + lane] = acc_a[c];
+            combine[(group * 2 * CI + CI + c) * 32 + lane] = acc_b[c];
+        }
+    }
+    __syncthreads();
+    if (half == 1) return;
+    float* out = partial_weight + ((long long)blockIdx.x * gridDim.y + blockIdx.y) * kPartialSlots;
+    const int tap_a = class_tap(cls, o_a), tap_b = class_tap(cls, o_b);
+#pragma unroll
+    for (int c = 0; c < CI; ++c) {
+        const float a = acc_a[c] + combine[(group * 2 * CI + c) * 32 + lane];
+        const float b = acc_b[c] + combine[(group * 2 * CI + CI + c) * 32 + lane];
+        // Batch-chunked backward: each launch adds one chunk, in chunk order (deterministic).
+        float& slot_a = out[(tap_a * 16 + c) * 32 + lane];
+        slot_a = accumulate ? slot_a + a : a;
+        if (o_b != o_a) {
+            float& slot_b = out[(tap_b * 16 + c) * 32 + lane];
+            slot_b = accumulate ? slot_b + b : b;
+        }
+    }
+}
+
+// dweight from the dweight kernels' partials: slot i summed over parts p (the blocks of the x
+// grid) in a fixed order (deterministic), then written to its weight (ci, co, tap), the padding
+// slots skipped. Block = 32 slots x 8 part groups: group k adds parts k, k + 8, k + 16, ...
+// (many loads in flight per slot), then the 8 group sums are added in group order.
+// kFfmaLayout: parity_grad_weight_ffma's [tap][ci][co] partials, else the TF32 kernel's
+// accumulator order.
+template <bool kFfmaLayout>
 __device__ __forceinline__ long long grad_weight_of_slot(int i, int Cin, int Cout) {
     using namespace grad_w_tile;
     const int co_chunk = i / kPartialSlots, slot = i % kPartialSlots;
-    const int thread = slot % kThreads, tap = slot / (4 * kThreads), r = (slot / kThreads) % 4;
-    const int warp = thread >> 5, g = (thread & 31) >> 2, t = thread & 3;
-    // The mma C fragment: rows (input channels) g and g + 8, columns (output channels) 2t, 2t+1.
-    const int ci = g + (r >= 2 ? 8 : 0);
-    const int co = co_chunk * 32 + warp * 8 + 2 * t + (r & 1);
+    int ci, co, tap;
+    if (kFfmaLayout) {
+        co = co_chunk * 32 + slot % 32;
+        ci = (slot / 32) % 16;
+        tap = slot / (16 * 32);
+    } else {
+        const int thread = slot % kThreads, r = (slot / kThreads) % 4;
+        const int warp = thread >> 5, g = (thread & 31) >> 2, t = thread & 3;
+        tap = slot / (4 * kThreads);
+        // The mma C fragment: rows (input channels) g and g + 8, columns (output channels)
+        // 2t, 2t + 1.
+        ci = g + (r >= 2 ? 8 : 0);
+        co = co_chunk * 32 + warp * 8 + 2 * t + (r & 1);
+    }
     return (ci < Cin && co < Cout) ? ((long long)ci * Cout + co) * 27 + tap : -1;
 }
 
-extern "C" __global__ void __launch_bounds__(256) grad_weight_reduce(const float* __restrict__ partial,
+template <bool kFfmaLayout>
+__global__ void __launch_bounds__(256) grad_weight_reduce(const float* __restrict__ partial,
                                                           float* __restrict__ out, int parts,
                                                           int count, int Cin, int Cout) {
     __shared__ float group_sums[8][33];
@@ -397,7 +646,7 @@ extern "C" __global__ void __launch_bounds__(256) grad_weight_reduce(const float
             float total = group_sums[0][column];
 #pragma unroll
             for (int k = 1; k < 8; ++k) total += group_sums[k][column];
-            const long long weight = grad_weight_of_slot(i, Cin, Cout);
+            const long long weight = grad_weight_of_slot<kFfmaLayout>(i, Cin, Cout);
             if (weight >= 0) out[weight] = total;
         }
         __syncthreads();
@@ -409,4 +658,24 @@ template __global__ void parity_grad_x_tf32<1>(const unsigned int*, const uint2*
                                                int, int, int, int, int, int, int, int);
 template __global__ void parity_grad_x_tf32<2>(const unsigned int*, const uint2*, float*, int, int,
                                                int, int, int, int, int, int, int, int);
+#define FUSED3D_CUPY_INSTANTIATE_FFMA(CI4)                                                     \
+    template __global__ void parity_grad_x_ffma<CI4>(const float*, const unsigned char*,        \
+                                                     const float*, float*, int, int, int, int,  \
+                                                     int, int, int);                            \
+    template __global__ void parity_grad_weight_ffma<CI4>(const float*, const float*,           \
+                                                          const unsigned char*, float*, int, int, \
+                                                          int, int, int, int, int, int, int);
+FUSED3D_CUPY_INSTANTIATE_FFMA(1)
+FUSED3D_CUPY_INSTANTIATE_FFMA(2)
+FUSED3D_CUPY_INSTANTIATE_FFMA(3)
+FUSED3D_CUPY_INSTANTIATE_FFMA(4)
+#define FUSED3D_CUPY_INSTANTIATE_GRAD_Z(PACKED)                                                 \
+    template __global__ void grad_z_from_output<PACKED>(                                        \
+        const float*, const float*, const float*, const float*, const float*, const float*,     \
+        const unsigned char*, unsigned int*, float*, float*, int, int, int, int, int, int, int, \
+        int, double);
+FUSED3D_CUPY_INSTANTIATE_GRAD_Z(true)
+FUSED3D_CUPY_INSTANTIATE_GRAD_Z(false)
+template __global__ void grad_weight_reduce<true>(const float*, float*, int, int, int, int);
+template __global__ void grad_weight_reduce<false>(const float*, float*, int, int, int, int);
 #endif
