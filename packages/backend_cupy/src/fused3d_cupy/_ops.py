@@ -83,6 +83,7 @@ _SIG_PACK = "2P 4i"
 _SIG_GRAD_X = "3P 10i"
 _SIG_GRAD_Z_FROM_OUTPUT = "10P 8i d"
 _SIG_GRAD_X_FFMA = "4P 7i"
+_SIG_PACK_FFMA_ROWS = "2P 4i"
 _SIG_GRAD_WEIGHT_FFMA = "4P 9i"
 
 
@@ -481,6 +482,12 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
         grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_ffma<{ci4}>", index,
                                 _SIG_GRAD_X_FFMA)
         row_stride = _ffma_row_stride(c_out, ci4)
+        # Its weight rows, packed once in the shared-memory layout (coalesced staging).
+        rows = torch.empty(27 * row_stride, dtype=torch.float32, device=device)
+        rows_at = _address(rows, stream)
+        _kernel("parity_backward.cu", "pack_ffma_rows", index, _SIG_PACK_FFMA_ROWS).launch(
+            (math.ceil(27 * row_stride / 256), 1), 256, stream,
+            (wp, rows_at, c_in, c_out, 4 * ci4, row_stride))
         shared = _raise_shared(grad_x_kernel, 27 * row_stride * 4)
         # Grid-stride over a chunk's input positions, at most the resident blocks.
         grid_x_limit = sms * _resident_blocks(grad_x_kernel, 256, shared)
@@ -533,7 +540,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
             grid_x = max(1, min(math.ceil(size * spatial / 256), grid_x_limit))
             grad_x_kernel.launch(
                 (grid_x, 1), 256, stream,
-                (zp, ip + pooled_at, wp, dx_at, *dims, row_stride), shared_mem=shared)
+                (zp, ip + pooled_at, rows_at, dx_at, *dims, row_stride), shared_mem=shared)
         elif want_x:
             grad_x_kernel.launch(
                 (size * math.prod(tiles_x), 1), 128, stream,

@@ -810,20 +810,13 @@ __host__ __device__ constexpr int simt_first_row(int o) {
   return row;
 }
 
-// dx[i] = sum over o and co of dz[i - o, co] * w[:, co, k(P, o)], P = the class of (i - o, co),
-// taken only where P >= o (the forward's class P reads x at m + o only for o <= P). Every
-// element has exactly one class, so each (o, co) adds one weight row picked by P: 8 x C_out
-// row reads per input position instead of the 27 x C_out of the dense sum over classes. One
-// thread per input position, all C_in channels in registers; every dx element is written once,
-// by its thread (no atomics).
-template <int CI4>  // C_in rounded up to 4, / 4
-__global__ void __launch_bounds__(kThreadsSimtX) parity_grad_x_simt_kernel(
-    const float* __restrict__ dz, const uint8_t* __restrict__ window_index,
-    const float* __restrict__ w, float* __restrict__ grad_x, BlockShape s) {
-  extern __shared__ float4 smem4[];
-  float* rows = reinterpret_cast<float*>(smem4);  // [27][kSimtRowStride]
-  for (int e = threadIdx.x; e < kTaps * kMaxCout * kMaxCin; e += blockDim.x) {
-    const int row = e / (kMaxCout * kMaxCin), rest = e - row * (kMaxCout * kMaxCin);
+// The rows above, written once per backward call (the dx blocks then stage them with coalesced
+// 16-byte copies; gathering them from the weight in every block made dx ~1.8x slower on the H100).
+__global__ void __launch_bounds__(kThreadsSimtX) pack_simt_rows_kernel(
+    const float* __restrict__ w, float* __restrict__ rows, BlockShape s) {
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < kTaps * kSimtRowStride;
+       e += gridDim.x * blockDim.x) {
+    const int row = e / kSimtRowStride, rest = e - row * kSimtRowStride;
     const int co = rest / kMaxCin, ci = rest - co * kMaxCin;
     int o = 0;
     while (o < 7 && simt_first_row(o + 1) <= row) ++o;
@@ -834,10 +827,27 @@ __global__ void __launch_bounds__(kThreadsSimtX) parity_grad_x_simt_kernel(
         cls |= (j & 1) << axis;
         j >>= 1;
       }
-    const bool valid = ci < s.in_channels && co < s.out_channels;
-    rows[row * kSimtRowStride + rest] =
-        valid ? w[((int64_t)ci * s.out_channels + co) * kTaps + class_tap(cls, o)] : 0.f;
+    const bool valid = rest < kMaxCout * kMaxCin && ci < s.in_channels && co < s.out_channels;
+    rows[e] = valid ? w[((int64_t)ci * s.out_channels + co) * kTaps + class_tap(cls, o)] : 0.f;
   }
+}
+
+// dx[i] = sum over o and co of dz[i - o, co] * w[:, co, k(P, o)], P = the class of (i - o, co),
+// taken only where P >= o (the forward's class P reads x at m + o only for o <= P). Every
+// element has exactly one class, so each (o, co) adds one weight row picked by P: 8 x C_out
+// row reads per input position instead of the 27 x C_out of the dense sum over classes. One
+// thread per input position, all C_in channels in registers; every dx element is written once,
+// by its thread (no atomics).
+template <int CI4>  // C_in rounded up to 4, / 4
+__global__ void __launch_bounds__(kThreadsSimtX) parity_grad_x_simt_kernel(
+    const float* __restrict__ dz, const uint8_t* __restrict__ window_index,
+    const float* __restrict__ packed_rows, float* __restrict__ grad_x, BlockShape s) {
+  extern __shared__ float4 smem4[];
+  float* rows = reinterpret_cast<float*>(smem4);  // [27][kSimtRowStride]
+  for (int e = threadIdx.x; e < kTaps * kSimtRowStride / 4; e += blockDim.x)
+    cp_async_16(rows + 4 * e, packed_rows + 4 * e, 16);
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
   const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
   const int spatial = D * H * W;  // < 2^31 (parity_backward_supported)
@@ -936,8 +946,9 @@ __global__ void __launch_bounds__(kThreadsSimtW, 1) parity_grad_weight_simt_kern
       const int dd = rest / kHaloH, hh = rest - dd * kHaloH;
       const int id = c.d + dd, ih = c.h0 + hh, iw = c.w0 + ww;
       const bool inside = ci < s.in_channels && id < D && ih < H && iw < W;
-      xs[pos * kSimtXStride + ci] =
-          inside ? x_n[ci * spatial + ((int64_t)id * H + ih) * W + iw] : 0.f;
+      // Asynchronous copies (zero-filled outside): every copy of the tile in flight at once.
+      cp_async_f32(xs + pos * kSimtXStride + ci,
+                   inside ? x_n + ci * spatial + ((int64_t)id * H + ih) * W + iw : x_n, inside);
     }
     const int64_t pooled_n = (int64_t)c.n * s.out_channels * spatial + (int64_t)c.d * H * W;
     for (int e = threadIdx.x; e < kMaxCout * kTilePositions; e += blockDim.x) {
@@ -945,9 +956,11 @@ __global__ void __launch_bounds__(kThreadsSimtW, 1) parity_grad_weight_simt_kern
       const int h = c.h0 + m / kTileW, wpos = c.w0 + m % kTileW;
       const bool inside = co < s.out_channels && h < H && wpos < W;
       const int64_t off = pooled_n + co * spatial + (int64_t)h * W + wpos;
-      dzs[m * kSimtDzStride + co] = inside ? dz[off] : 0.f;
+      cp_async_f32(dzs + m * kSimtDzStride + co, inside ? dz + off : dz, inside);
       classes[m * kSimtClassStride + co] = inside ? (window_index[off] & 7u) : 8u;  // 8: none
     }
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
 #pragma unroll 1  // 72 registers (28 warps): one position's 8 float4 loads in flight at a time
     for (int m = half; m < kTilePositions; m += 2) {
@@ -1109,7 +1122,9 @@ inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
   const BackwardGeometry geo = geometry_of(first);
   l.blocks = sms < geo.tiles ? sms : geo.tiles;
   if (l.blocks < 1) l.blocks = 1;
-  l.grad_x_weight_floats = (int64_t)kTaps * kMaxCout * 16;
+  // The tensor-core dx kernel's weight operand, or the IEEE dx kernel's packed rows.
+  l.grad_x_weight_floats = std::max<int64_t>((int64_t)kTaps * kMaxCout * 16,
+                                             (int64_t)kTaps * kSimtRowStride);
   l.packed_dz_floats = per_image * l.chunk_batch;
   l.channel_floats = (int64_t)l.blocks * 64;
   l.weight_floats = (int64_t)l.blocks * kTaps * kMaxCin * kMaxCout;
@@ -1133,7 +1148,7 @@ auto grad_x_kernel_for(int co_padded) {
 
 template <int CI4>
 cudaError_t launch_simt_chunk(const BlockShape& sc, const BackwardGeometry& gc, int blocks,
-                              const float* x, const float* w, const float* dz,
+                              const float* x, const float* packed_rows, const float* dz,
                               const uint8_t* window_index, float* grad_x, float* weight_partials, int accumulate,
                               cudaStream_t stream) {
   cudaError_t e;
@@ -1150,7 +1165,7 @@ cudaError_t launch_simt_chunk(const BlockShape& sc, const BackwardGeometry& gc, 
                             kThreadsSimtX - 1) / kThreadsSimtX;
     const int grid = (int)std::max<int64_t>(
         1, std::min<int64_t>(needed, (int64_t)sm_count() * std::max(per_sm, 1)));
-    kernel<<<grid, kThreadsSimtX, smem, stream>>>(dz, window_index, w, grad_x, sc);
+    kernel<<<grid, kThreadsSimtX, smem, stream>>>(dz, window_index, packed_rows, grad_x, sc);
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   if (weight_partials) {
@@ -1199,6 +1214,13 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
         (e = raise_smem_limit(reinterpret_cast<const void*>(grad_w_kernel), smem_w)) !=
             cudaSuccess)
       return e;
+    if constexpr (std::is_same<T, float>::value) {
+      if (ieee && a.grad_x) {  // the IEEE dx kernel's weight rows, once per call
+        pack_simt_rows_kernel<<<(kTaps * kSimtRowStride + kThreadsSimtX - 1) / kThreadsSimtX,
+                                kThreadsSimtX, 0, stream>>>(w, grad_x_weights, s);
+        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+      }
+    }
     for (int64_t n0 = 0; n0 < s.batch; n0 += l.chunk_batch) {
       BlockShape sc = s;
       sc.batch = s.batch - n0 < l.chunk_batch ? s.batch - n0 : l.chunk_batch;
@@ -1221,10 +1243,10 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
           T* grad_x = a.grad_x ? static_cast<T*>(a.grad_x) + n0 * x_image : nullptr;
           float* partials = a.grad_weight ? weight_partials : nullptr;
           switch ((s.in_channels + 3) / 4) {
-            case 1: e = launch_simt_chunk<1>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-            case 2: e = launch_simt_chunk<2>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-            case 3: e = launch_simt_chunk<3>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-            default: e = launch_simt_chunk<4>(sc, gc, blocks, x, w, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            case 1: e = launch_simt_chunk<1>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            case 2: e = launch_simt_chunk<2>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            case 3: e = launch_simt_chunk<3>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
+            default: e = launch_simt_chunk<4>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
           }
           if (e != cudaSuccess) return e;
         }
