@@ -50,12 +50,20 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
     "parity_backward.cu": (
         "parity_grad_x_tf32<1>",
         "parity_grad_x_tf32<2>",
-        "grad_z_from_output<true>",
-        "grad_z_from_output<false>",
-        "grad_weight_reduce<true>",
-        "grad_weight_reduce<false>",
-        *(f"{kernel}<{ci4}>" for kernel in ("parity_grad_x_ffma", "parity_grad_weight_ffma")
-          for ci4 in (1, 2, 3, 4)),
+        "grad_z_from_output<float, true>",
+        "grad_weight_reduce<false, float>",
+        *(
+            name
+            for t in ("float", "half_t", "bf16_t")
+            for name in (
+                f"grad_z_from_output<{t}, false>",
+                f"grad_weight_reduce<true, {t}>",
+                f"pack_ffma_rows<{t}>",
+                *(f"{kernel}<{t}, {ci4}>"
+                  for kernel in ("parity_grad_x_ffma", "parity_grad_weight_ffma")
+                  for ci4 in (1, 2, 3, 4)),
+            )
+        ),
     ),
 }
 

@@ -61,9 +61,9 @@ TF32_MAX_IN_CHANNELS = 16
 FFMA_MAX_IN_CHANNELS = 24
 #: Its dx kernel stages grad_z of all output channels in shared memory: C_out <= 64.
 TF32_MAX_OUT_CHANNELS_BACKWARD = 64
-#: The IEEE fp32 backward (parity_grad_x_ffma / parity_grad_weight_ffma) keeps a position's
-#: input channels in registers (C_in <= 16) and stages 27 weight rows of all output channels
-#: (C_out <= 64: 111 KB of shared memory).
+#: The FFMA backward (parity_grad_x_ffma / parity_grad_weight_ffma: IEEE fp32, and fp16 / bf16
+#: with fp32 arithmetic) keeps a position's input channels in registers (C_in <= 16) and stages
+#: 27 weight rows of all output channels (C_out <= 64: 111 KB of shared memory).
 FFMA_MAX_IN_CHANNELS_BACKWARD = 16
 FFMA_MAX_OUT_CHANNELS_BACKWARD = 64
 
@@ -174,8 +174,8 @@ def uses_ffma_backward(x: torch.Tensor, weight: torch.Tensor, config: BlockConfi
                        allow_tf32: bool) -> bool:
     return (
         config.is_parity_fast_path
-        and x.dtype == torch.float32
-        and not allow_tf32
+        and ((x.dtype == torch.float32 and not allow_tf32)
+             or x.dtype in (torch.float16, torch.bfloat16))
         and x.shape[1] <= FFMA_MAX_IN_CHANNELS_BACKWARD
         and weight.shape[1] <= FFMA_MAX_OUT_CHANNELS_BACKWARD
         and math.prod(x.shape[2:]) < 2**31
@@ -396,9 +396,10 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     derivative, else recomputed), then the dweight partials and dx; then fixed-order reductions
     of the channel and dweight partials (deterministic).
 
-    ``ieee`` False (TF32): grad_z packed as TF32 with its class bits, recomputed by the forward's
-    GEMM where y is not used; tensor-core dweight and dx. True (IEEE fp32): plain fp32 grad_z,
-    recomputed per element where y is not used; FFMA dweight and dx.
+    ``ieee`` False (TF32, fp32 only): grad_z packed as TF32 with its class bits, recomputed by
+    the forward's GEMM where y is not used; tensor-core dweight and dx. True (FFMA: IEEE fp32, or
+    fp16 / bf16 in fp32 arithmetic): plain fp32 grad_z, recomputed per element where y is not
+    used; FFMA dweight and dx.
     """
     want_x, want_weight, want_bias, want_multiplier = wanted
     n, c_in, d, h, w = x.shape
@@ -406,6 +407,8 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     device = x.device
     sms = _sm_count(index)
     spatial = d * h * w
+    scalar = KERNEL_TYPES[x.dtype][0]
+    item = x.element_size()  # bytes of an element of x, grad_y, y and dx
     grad_z_bytes = grad_y.numel() * 4
     chunk = n
     if BACKWARD_CHUNK_BYTES > 0 and grad_z_bytes > BACKWARD_CHUNK_BYTES:
@@ -465,27 +468,30 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
             y = y.contiguous()  # held until the launches are enqueued
             yp = _address(y, stream)
         from_output_kernel = _kernel(
-            "parity_backward.cu", f"grad_z_from_output<{'false' if ieee else 'true'}>", index,
+            "parity_backward.cu",
+            f"grad_z_from_output<{scalar}, {'false' if ieee else 'true'}>", index,
             _SIG_GRAD_Z_FROM_OUTPUT)
     else:
         grad_z_kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", index,
                                 _SIG_TF32)
         grad_z_shared = _tf32_shared(grad_z_kernel, ksteps_in)
     if want_weight and ieee:
-        grad_weight_kernel = _kernel("parity_backward.cu", f"parity_grad_weight_ffma<{ci4}>",
-                                     index, _SIG_GRAD_WEIGHT_FFMA)
+        grad_weight_kernel = _kernel("parity_backward.cu",
+                                     f"parity_grad_weight_ffma<{scalar}, {ci4}>", index,
+                                     _SIG_GRAD_WEIGHT_FFMA)
         grad_weight_shared = _raise_shared(grad_weight_kernel, _ffma_grad_weight_shared(ci4))
     elif want_weight:
         grad_weight_kernel = _kernel("parity_backward.cu", "parity_grad_weight_tf32", index,
                                      _SIG_GRAD_WEIGHT)
     if want_x and ieee:
-        grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_ffma<{ci4}>", index,
-                                _SIG_GRAD_X_FFMA)
+        grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_ffma<{scalar}, {ci4}>",
+                                index, _SIG_GRAD_X_FFMA)
         row_stride = _ffma_row_stride(c_out, ci4)
         # Its weight rows, packed once in the shared-memory layout (coalesced staging).
         rows = torch.empty(27 * row_stride, dtype=torch.float32, device=device)
         rows_at = _address(rows, stream)
-        _kernel("parity_backward.cu", "pack_ffma_rows", index, _SIG_PACK_FFMA_ROWS).launch(
+        _kernel("parity_backward.cu", f"pack_ffma_rows<{scalar}>", index,
+                _SIG_PACK_FFMA_ROWS).launch(
             (math.ceil(27 * row_stride / 256), 1), 256, stream,
             (wp, rows_at, c_in, c_out, 4 * ci4, row_stride))
         shared = _raise_shared(grad_x_kernel, 27 * row_stride * 4)
@@ -503,7 +509,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     row = 0
     for step, b0 in enumerate(starts):
         size = min(chunk, n - b0)
-        x_at = xp + b0 * c_in * spatial * 4
+        x_at = xp + b0 * c_in * spatial * item
         pooled_at = b0 * c_out * spatial
         dims = (size, c_in, c_out, d, h, w)
         # 1. grad_z at the winners + channel partials: from y, or recomputed (TF32: with the
@@ -512,7 +518,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
             from_output_kernel.launch(
                 (grids_z[step], c_out), 256, stream,
                 (x_at, wp, _address(bias, stream), _address(multiplier, stream),
-                 gyp + 4 * pooled_at, yp + 4 * pooled_at if yp else 0, ip + pooled_at, zp,
+                 gyp + item * pooled_at, yp + item * pooled_at if yp else 0, ip + pooled_at, zp,
                  pbp + 4 * row * c_out, pmp + 4 * row * c_out, *dims, *flags))
         else:
             grad_z_kernel.launch(
@@ -535,7 +541,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
                 (grid_w, co_chunks), 128, stream,
                 (x_at, zp, pwp, *dims, *tiles_w, int(step > 0)))
         # 3. dx of the chunk.
-        dx_at = dxp + b0 * c_in * spatial * 4
+        dx_at = dxp + b0 * c_in * spatial * item
         if want_x and ieee:
             grid_x = max(1, min(math.ceil(size * spatial / 256), grid_x_limit))
             grad_x_kernel.launch(
@@ -556,8 +562,9 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     dweight = None
     if want_weight:
         dweight = torch.empty_like(weight)
-        _kernel("parity_backward.cu", f"grad_weight_reduce<{'true' if ieee else 'false'}>",
-                index, _SIG_GRAD_WEIGHT_REDUCE).launch(
+        _kernel("parity_backward.cu",
+                f"grad_weight_reduce<{'true' if ieee else 'false'}, {scalar}>", index,
+                _SIG_GRAD_WEIGHT_REDUCE).launch(
             (min(math.ceil(weight_slots / 32), 8 * sms), 1), _THREADS, stream,
             (pwp, _address(dweight, stream), grid_w, weight_slots, c_in, c_out))
     return _finish(dbias_acc, dmult_acc, bias, multiplier, wanted, x, dx, dweight, weight)

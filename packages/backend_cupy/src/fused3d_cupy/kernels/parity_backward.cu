@@ -298,14 +298,15 @@ extern "C" __global__ void __launch_bounds__(128, 2) parity_grad_weight_tf32(
 // element recomputes z by direct summation in fp32. Grid (slices, Cout): block (b, co) walks
 // slice b of channel co's pooled positions in every image and writes partial row b.
 //
-// kPacked: the TF32 kernels' packed word (TF32 dz, class in the low 3 bits); else the plain fp32
-// dz bits (the IEEE path). y null: every element recomputes z (the IEEE path when y is not
-// saved or the slope rules it out; the TF32 path runs parity_tf32<.., true> instead).
-template <bool kPacked>
+// T: the tensors' type (fp32, or fp16 / bf16 on the FFMA path; fp32 arithmetic). kPacked: the
+// TF32 kernels' packed word (TF32 dz, class in the low 3 bits); else the plain fp32 dz bits (the
+// FFMA path). y null: every element recomputes z (the FFMA path when y is not saved or the
+// slope rules it out; the TF32 path runs parity_tf32<.., true> instead).
+template <typename T, bool kPacked>
 __global__ void __launch_bounds__(256) grad_z_from_output(
-    const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
-    const float* __restrict__ multiplier, const float* __restrict__ grad_y,
-    const float* __restrict__ y, const unsigned char* __restrict__ window_index,
+    const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
+    const T* __restrict__ multiplier, const T* __restrict__ grad_y,
+    const T* __restrict__ y, const unsigned char* __restrict__ window_index,
     unsigned int* __restrict__ grad_z_packed, float* __restrict__ partial_bias,
     float* __restrict__ partial_multiplier, int N, int Cin, int Cout, int D, int H, int W,
     int multiplier_stride, int has_bias, double negative_slope) {
@@ -315,7 +316,7 @@ __global__ void __launch_bounds__(256) grad_z_from_output(
     const int begin = (int)((long long)spatial * blockIdx.x / gridDim.x);
     const int end = (int)((long long)spatial * (blockIdx.x + 1) / gridDim.x);
     const float slope = (float)negative_slope;
-    const float m = multiplier[co * multiplier_stride];
+    const float m = to_acc(multiplier[co * multiplier_stride]);
     const bool m_usable = fabsf(m) >= 0x1p-100f && fabsf(m) <= 0x1p100f;  // false for NaN
     float sum_bias = 0.0f, sum_multiplier = 0.0f;
     for (int n = 0; n < N; ++n) {
@@ -324,8 +325,8 @@ __global__ void __launch_bounds__(256) grad_z_from_output(
         for (int q = begin + (int)threadIdx.x; q < end; q += blockDim.x) {
             const long long e = base + q;
             const int win = window_index[e] & 7;
-            const float gy = grad_y[e];
-            const float yv = y ? y[e] : __int_as_float(0x7fc00000);  // NaN: recompute
+            const float gy = to_acc(grad_y[e]);
+            const float yv = y ? to_acc(y[e]) : __int_as_float(0x7fc00000);  // NaN: recompute
             float dz, multiplier_term;
             if (m_usable && fabsf(yv) >= 1.17549435e-38f && fabsf(yv) <= 3.40282347e38f) {
                 const bool v_positive = yv > 0.0f, z_positive = v_positive == (m > 0.0f);
@@ -339,12 +340,13 @@ __global__ void __launch_bounds__(256) grad_z_from_output(
                     if (!class_uses_offset(win, a)) continue;
                     const int id = pd + ((a >> 2) & 1), ih = ph + ((a >> 1) & 1), iw = pw + (a & 1);
                     if (id >= D || ih >= H || iw >= W) continue;  // past the input's far edge
-                    const float* xq = x + (long long)n * Cin * spatial + ((long long)id * H + ih) * W + iw;
+                    const T* xq = x + (long long)n * Cin * spatial + ((long long)id * H + ih) * W + iw;
                     const int tap = class_tap(win, a);
                     for (int ci = 0; ci < Cin; ++ci)
-                        z = fmaf(xq[(long long)ci * spatial], weight[((long long)ci * Cout + co) * 27 + tap], z);
+                        z = fmaf(to_acc(xq[(long long)ci * spatial]),
+                                 to_acc(weight[((long long)ci * Cout + co) * 27 + tap]), z);
                 }
-                if (has_bias) z += bias[co];
+                if (has_bias) z += to_acc(bias[co]);
                 const float u = leaky(z, slope);
                 const float outer = gy * leaky_slope(m * u, slope);
                 dz = outer * m * leaky_slope(z, slope);
@@ -402,10 +404,10 @@ __host__ __device__ constexpr int offset_first_row(int o) {
 // The rows above, written once per backward call by pack_ffma_rows, so that every dx block
 // stages them with coalesced 16-byte copies (gathering them from the weight is 27 x C_out x C_in
 // strided loads per block).
-extern "C" __global__ void __launch_bounds__(256) pack_ffma_rows(const float* __restrict__ weight,
-                                                                 float* __restrict__ rows, int Cin,
-                                                                 int Cout, int ci_padded,
-                                                                 int row_stride) {
+template <typename T>
+__global__ void __launch_bounds__(256) pack_ffma_rows(const T* __restrict__ weight,
+                                                      float* __restrict__ rows, int Cin, int Cout,
+                                                      int ci_padded, int row_stride) {
     const int row_floats = Cout * ci_padded;
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < 27 * row_stride;
          e += gridDim.x * blockDim.x) {
@@ -421,7 +423,7 @@ extern "C" __global__ void __launch_bounds__(256) pack_ffma_rows(const float* __
                 j >>= 1;
             }
         rows[e] = rest < row_floats && ci < Cin
-                      ? weight[((long long)ci * Cout + co) * 27 + class_tap(cls, o)]
+                      ? to_acc(weight[((long long)ci * Cout + co) * 27 + class_tap(cls, o)])
                       : 0.0f;
     }
 }
@@ -435,10 +437,10 @@ extern "C" __global__ void __launch_bounds__(256) pack_ffma_rows(const float* __
 // the resident blocks). (Measured on the H100, benchmark chunk of 4 images: 111 us with the rows
 // gathered from the weight by every block, 62 us with them packed once; two threads per
 // position, each with half the channels, 75 us.)
-template <int CI4>  // input channels padded to 4, / 4
+template <typename T, int CI4>  // dx's type; input channels padded to 4, / 4
 __global__ void __launch_bounds__(256) parity_grad_x_ffma(
     const float* __restrict__ grad_z, const unsigned char* __restrict__ window_index,
-    const float* __restrict__ packed_rows, float* __restrict__ grad_x, int N, int Cin, int Cout,
+    const float* __restrict__ packed_rows, T* __restrict__ grad_x, int N, int Cin, int Cout,
     int D, int H, int W, int row_stride) {
     constexpr int CI = 4 * CI4;
     extern __shared__ float4 rows4[];
@@ -483,10 +485,10 @@ __global__ void __launch_bounds__(256) parity_grad_x_ffma(
                 }
             }
         }
-        float* out = grad_x + (long long)n * Cin * spatial + p;
+        T* out = grad_x + (long long)n * Cin * spatial + p;
 #pragma unroll
         for (int ci = 0; ci < CI; ++ci)
-            if (ci < Cin) out[(long long)ci * spatial] = acc[ci];
+            if (ci < Cin) out[(long long)ci * spatial] = Store<T>::from(acc[ci]);
     }
 }
 
@@ -516,9 +518,9 @@ __constant__ signed char kFfmaGroupOffset[14][2] = {
     {0, 0}, {0, 1}, {0, 2}, {0, 4}, {0, 1}, {2, 3}, {0, 1},
     {4, 5}, {0, 2}, {4, 6}, {0, 1}, {2, 3}, {4, 5}, {6, 7}};
 
-template <int CI4>
-__global__ void __launch_bounds__(896, 1) parity_grad_weight_ffma(
-    const float* __restrict__ x, const float* __restrict__ grad_z,
+template <typename T, int CI4>  // x's type; input channels padded to 4, / 4
+__global__ void __launch_bounds__(grad_w_ffma_tile::kThreads, 1) parity_grad_weight_ffma(
+    const T* __restrict__ x, const float* __restrict__ grad_z,
     const unsigned char* __restrict__ window_index, float* __restrict__ partial_weight, int N,
     int Cin, int Cout, int D, int H, int W, int tiles_h, int tiles_w, int accumulate) {
     using namespace grad_w_ffma_tile;
@@ -549,16 +551,17 @@ __global__ void __launch_bounds__(896, 1) parity_grad_weight_ffma(
         const int d0 = rest % D;
         const int n = rest / D;
         __syncthreads();  // the previous tile's reads are done
-        const float* x_n = x + (long long)n * Cin * spatial;
+        const T* x_n = x + (long long)n * Cin * spatial;
         for (int e = threadIdx.x; e < CI * XPOS; e += blockDim.x) {
             const int ci = e / XPOS, pos = e - ci * XPOS;
             const int lw = pos % XW, lh = (pos / XW) % XH, ld = pos / (XW * XH);
             const int gd = d0 + ld, gh = h0 + lh, gw = w0 + lw;
             const bool inside = ci < Cin && gd < D && gh < H && gw < W;
-            // Asynchronous copies (zero-filled outside): every copy of the tile in flight.
-            stage_async<4>(xs + pos * XS + ci,
-                           inside ? x_n + ci * spatial + ((long long)gd * H + gh) * W + gw : x_n,
-                           inside);
+            const T* src = inside ? x_n + ci * spatial + ((long long)gd * H + gh) * W + gw : x_n;
+            if constexpr (sizeof(T) == sizeof(float))  // fp32: asynchronous copies (zero-filled
+                stage_async<4>(xs + pos * XS + ci, src, inside);  // outside), all in flight
+            else  // fp16 / bf16: widened on the way
+                xs[pos * XS + ci] = inside ? to_acc(*src) : 0.0f;
         }
         const long long pooled_n = (long long)n * Cout * spatial + (long long)d0 * H * W;
         for (int e = threadIdx.x; e < 32 * QPOS; e += blockDim.x) {
@@ -625,7 +628,7 @@ __global__ void __launch_bounds__(896, 1) parity_grad_weight_ffma(
 // slots skipped. Block = 32 slots x 8 part groups: group k adds parts k, k + 8, k + 16, ...
 // (many loads in flight per slot), then the 8 group sums are added in group order.
 // kFfmaLayout: parity_grad_weight_ffma's [tap][ci][co] partials, else the TF32 kernel's
-// accumulator order.
+// accumulator order. T: dweight's type.
 template <bool kFfmaLayout>
 __device__ __forceinline__ long long grad_weight_of_slot(int i, int Cin, int Cout) {
     using namespace grad_w_tile;
@@ -647,9 +650,9 @@ __device__ __forceinline__ long long grad_weight_of_slot(int i, int Cin, int Cou
     return (ci < Cin && co < Cout) ? ((long long)ci * Cout + co) * 27 + tap : -1;
 }
 
-template <bool kFfmaLayout>
+template <bool kFfmaLayout, typename T>
 __global__ void __launch_bounds__(256) grad_weight_reduce(const float* __restrict__ partial,
-                                                          float* __restrict__ out, int parts,
+                                                          T* __restrict__ out, int parts,
                                                           int count, int Cin, int Cout) {
     __shared__ float group_sums[8][33];
     const int column = threadIdx.x & 31, group = threadIdx.x >> 5;
@@ -667,7 +670,7 @@ __global__ void __launch_bounds__(256) grad_weight_reduce(const float* __restric
 #pragma unroll
             for (int k = 1; k < 8; ++k) total += group_sums[k][column];
             const long long weight = grad_weight_of_slot<kFfmaLayout>(i, Cin, Cout);
-            if (weight >= 0) out[weight] = total;
+            if (weight >= 0) out[weight] = Store<T>::from(total);
         }
         __syncthreads();
     }
@@ -678,24 +681,31 @@ template __global__ void parity_grad_x_tf32<1>(const unsigned int*, const uint2*
                                                int, int, int, int, int, int, int, int);
 template __global__ void parity_grad_x_tf32<2>(const unsigned int*, const uint2*, float*, int, int,
                                                int, int, int, int, int, int, int, int);
-#define FUSED3D_CUPY_INSTANTIATE_FFMA(CI4)                                                     \
-    template __global__ void parity_grad_x_ffma<CI4>(const float*, const unsigned char*,        \
-                                                     const float*, float*, int, int, int, int,  \
-                                                     int, int, int);                            \
-    template __global__ void parity_grad_weight_ffma<CI4>(const float*, const float*,           \
-                                                          const unsigned char*, float*, int, int, \
-                                                          int, int, int, int, int, int, int);
-FUSED3D_CUPY_INSTANTIATE_FFMA(1)
-FUSED3D_CUPY_INSTANTIATE_FFMA(2)
-FUSED3D_CUPY_INSTANTIATE_FFMA(3)
-FUSED3D_CUPY_INSTANTIATE_FFMA(4)
-#define FUSED3D_CUPY_INSTANTIATE_GRAD_Z(PACKED)                                                 \
-    template __global__ void grad_z_from_output<PACKED>(                                        \
-        const float*, const float*, const float*, const float*, const float*, const float*,     \
-        const unsigned char*, unsigned int*, float*, float*, int, int, int, int, int, int, int, \
-        int, double);
-FUSED3D_CUPY_INSTANTIATE_GRAD_Z(true)
-FUSED3D_CUPY_INSTANTIATE_GRAD_Z(false)
-template __global__ void grad_weight_reduce<true>(const float*, float*, int, int, int, int);
-template __global__ void grad_weight_reduce<false>(const float*, float*, int, int, int, int);
+#define FUSED3D_CUPY_INSTANTIATE_FFMA(T, CI4)                                                  \
+    template __global__ void parity_grad_x_ffma<T, CI4>(const float*, const unsigned char*,     \
+                                                        const float*, T*, int, int, int, int,   \
+                                                        int, int, int);                         \
+    template __global__ void parity_grad_weight_ffma<T, CI4>(const T*, const float*,            \
+                                                             const unsigned char*, float*, int, \
+                                                             int, int, int, int, int, int, int, \
+                                                             int);
+#define FUSED3D_CUPY_INSTANTIATE_FFMA_TYPE(T)                                                   \
+    FUSED3D_CUPY_INSTANTIATE_FFMA(T, 1)                                                         \
+    FUSED3D_CUPY_INSTANTIATE_FFMA(T, 2)                                                         \
+    FUSED3D_CUPY_INSTANTIATE_FFMA(T, 3)                                                         \
+    FUSED3D_CUPY_INSTANTIATE_FFMA(T, 4)                                                         \
+    template __global__ void pack_ffma_rows<T>(const T*, float*, int, int, int, int);          \
+    template __global__ void grad_weight_reduce<true, T>(const float*, T*, int, int, int, int); \
+    template __global__ void grad_z_from_output<T, false>(                                      \
+        const T*, const T*, const T*, const T*, const T*, const T*, const unsigned char*,       \
+        unsigned int*, float*, float*, int, int, int, int, int, int, int, int, double);
+FUSED3D_CUPY_INSTANTIATE_FFMA_TYPE(float)
+FUSED3D_CUPY_INSTANTIATE_FFMA_TYPE(half_t)
+FUSED3D_CUPY_INSTANTIATE_FFMA_TYPE(bf16_t)
+template __global__ void grad_z_from_output<float, true>(
+    const float*, const float*, const float*, const float*, const float*, const float*,
+    const unsigned char*, unsigned int*, float*, float*, int, int, int, int, int, int, int, int,
+    double);
+template __global__ void grad_weight_reduce<false, float>(const float*, float*, int, int, int,
+                                                          int);
 #endif
