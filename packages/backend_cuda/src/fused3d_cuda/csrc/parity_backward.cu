@@ -1122,9 +1122,10 @@ inline WorkspaceLayout workspace_layout(const BlockShape& s, int sms) {
   const BackwardGeometry geo = geometry_of(first);
   l.blocks = sms < geo.tiles ? sms : geo.tiles;
   if (l.blocks < 1) l.blocks = 1;
-  // The tensor-core dx kernel's weight operand, or the IEEE dx kernel's packed rows.
-  l.grad_x_weight_floats = std::max<int64_t>((int64_t)kTaps * kMaxCout * 16,
-                                             (int64_t)kTaps * kSimtRowStride);
+  // The tensor-core dx kernel's weight operand, or the IEEE dx kernel's packed rows; rounded up
+  // to 128 bytes so that packed_dz, after it, starts on a cache line.
+  l.grad_x_weight_floats = (std::max<int64_t>((int64_t)kTaps * kMaxCout * 16,
+                                              (int64_t)kTaps * kSimtRowStride) + 31) / 32 * 32;
   l.packed_dz_floats = per_image * l.chunk_batch;
   l.channel_floats = (int64_t)l.blocks * 64;
   l.weight_floats = (int64_t)l.blocks * kTaps * kMaxCin * kMaxCout;
