@@ -319,10 +319,10 @@ def backward_impl(grad_y, y, window_index, x, weight, bias, multiplier, stride, 
         if (uses_tf32_path(x, config, allow_tf32)
                 and weight.shape[1] <= TF32_MAX_OUT_CHANNELS_BACKWARD):
             return _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier,
-                                    negative_slope, wanted, index, stream, ieee=False)
+                                    negative_slope, wanted, index, stream, ffma=False)
         if uses_ffma_backward(x, weight, config, allow_tf32):
             return _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier,
-                                    negative_slope, wanted, index, stream, ieee=True)
+                                    negative_slope, wanted, index, stream, ffma=True)
         return _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
                                  wanted, index, stream)
 
@@ -391,12 +391,12 @@ def _backward_general(grad_y, window_index, x, weight, bias, multiplier, config,
 
 
 def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negative_slope,
-                     wanted, index, stream, ieee):
+                     wanted, index, stream, ffma):
     """Per batch chunk: grad_z at the winners (from the saved output y when it settles the
     derivative, else recomputed), then the dweight partials and dx; then fixed-order reductions
     of the channel and dweight partials (deterministic).
 
-    ``ieee`` False (TF32, fp32 only): grad_z packed as TF32 with its class bits, recomputed by
+    ``ffma`` False (TF32, fp32 only): grad_z packed as TF32 with its class bits, recomputed by
     the forward's GEMM where y is not used; tensor-core dweight and dx. True (FFMA: IEEE fp32, or
     fp16 / bf16 in fp32 arithmetic): plain fp32 grad_z, recomputed per element where y is not
     used; FFMA dweight and dx.
@@ -413,37 +413,35 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     chunk = n
     if BACKWARD_CHUNK_BYTES > 0 and grad_z_bytes > BACKWARD_CHUNK_BYTES:
         chunk = max(1, math.ceil(n * BACKWARD_CHUNK_BYTES / grad_z_bytes))
-    # The dweight kernels count a chunk's tiles in an int.
-    tiles_per_image = d * math.ceil(h / 4) * math.ceil(w / 32)
-    chunk = max(1, min(chunk, (2**31 - 1) // tiles_per_image))
+    tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))  # also the TF32 dweight kernel's tiles
+    # The dweight kernels count a chunk's tiles in an int (the FFMA kernel's are fewer).
+    chunk = max(1, min(chunk, (2**31 - 1) // math.prod(tiles_x)))
     starts = range(0, n, chunk)
 
     # y settles the derivative only for a positive slope (grad_z_from_output); the bounds keep
-    # the slopes' products with any multiplier the kernel trusts normal numbers. The IEEE path
+    # the slopes' products with any multiplier the kernel trusts normal numbers. The FFMA path
     # always runs grad_z_from_output, with no y where it cannot be used (every element
     # recomputes z then).
     y_usable = (y is not None and 2.0**-10 <= negative_slope <= 2.0**10 and spatial < 2**31)
-    from_output = ieee or y_usable
+    from_output = ffma or y_usable
     tiles = (math.ceil(d / 2), math.ceil(h / 4), math.ceil(w / 32))
     if from_output:  # slices of >= 1024 pooled positions per channel, one partial row each
         grids_z = [max(1, min(sms, spatial // 1024)) for _ in starts]
     else:
         grids_z = [min(min(chunk, n - b0) * math.prod(tiles), 2 * sms) for b0 in starts]
     co_chunks = math.ceil(c_out / 32)
-    if ieee:
+    if ffma:
         # One resident block of 28 warps per SM, spread over the 32-channel chunks.
         ffma_tiles_h, ffma_tiles_w = math.ceil(h / 8), math.ceil(w / 32)
         grid_w = max(1, min(chunk * d * ffma_tiles_h * ffma_tiles_w, math.ceil(sms / co_chunks)))
     else:
-        tiles_w = (d, math.ceil(h / 4), math.ceil(w / 32))
-        grid_w = min(chunk * math.prod(tiles_w), 2 * sms)
-    tiles_x = (d, math.ceil(h / 4), math.ceil(w / 32))
+        grid_w = min(chunk * math.prod(tiles_x), 2 * sms)
     ksteps_in = 1 if c_in <= 8 else 2
     ksteps_out = math.ceil(c_out / 8)
     ntiles = 1 if c_in <= 8 else 2
     ci4 = math.ceil(c_in / 4)
 
-    # grad_z of one chunk: packed TF32 words, or fp32 bits (IEEE).
+    # grad_z of one chunk: packed TF32 words, or fp32 bits (FFMA).
     grad_z = torch.empty((chunk, c_out, d, h, w), dtype=torch.int32, device=device)
     partial_bias = torch.empty((sum(grids_z), c_out), dtype=torch.float32, device=device)
     partial_multiplier = torch.empty_like(partial_bias)
@@ -453,7 +451,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     partial_weight = (torch.empty((grid_w, weight_slots), dtype=torch.float32, device=device)
                       if want_weight else None)
     fragments = (torch.empty(27 * ksteps_out * ntiles * 64, dtype=torch.int32, device=device)
-                 if want_x and not ieee else None)
+                 if want_x and not ffma else None)
     dx = torch.empty_like(x) if want_x else None
 
     xp, wp, zp = _address(x, stream), _address(weight, stream), _address(grad_z, stream)
@@ -469,13 +467,13 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
             yp = _address(y, stream)
         from_output_kernel = _kernel(
             "parity_backward.cu",
-            f"grad_z_from_output<{scalar}, {'false' if ieee else 'true'}>", index,
+            f"grad_z_from_output<{scalar}, {'false' if ffma else 'true'}>", index,
             _SIG_GRAD_Z_FROM_OUTPUT)
     else:
         grad_z_kernel = _kernel("parity_forward.cu", f"parity_tf32<{ksteps_in}, true>", index,
                                 _SIG_TF32)
         grad_z_shared = _tf32_shared(grad_z_kernel, ksteps_in)
-    if want_weight and ieee:
+    if want_weight and ffma:
         grad_weight_kernel = _kernel("parity_backward.cu",
                                      f"parity_grad_weight_ffma<{scalar}, {ci4}>", index,
                                      _SIG_GRAD_WEIGHT_FFMA)
@@ -483,7 +481,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     elif want_weight:
         grad_weight_kernel = _kernel("parity_backward.cu", "parity_grad_weight_tf32", index,
                                      _SIG_GRAD_WEIGHT)
-    if want_x and ieee:
+    if want_x and ffma:
         grad_x_kernel = _kernel("parity_backward.cu", f"parity_grad_x_ffma<{scalar}, {ci4}>",
                                 index, _SIG_GRAD_X_FFMA)
         row_stride = _ffma_row_stride(c_out, ci4)
@@ -513,7 +511,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
         pooled_at = b0 * c_out * spatial
         dims = (size, c_in, c_out, d, h, w)
         # 1. grad_z at the winners + channel partials: from y, or recomputed (TF32: with the
-        # forward's arithmetic; IEEE: per element).
+        # forward's arithmetic; FFMA: per element).
         if from_output:
             from_output_kernel.launch(
                 (grids_z[step], c_out), 256, stream,
@@ -530,7 +528,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
                 shared_mem=grad_z_shared)
         row += grids_z[step]
         # 2. dweight partials, one per block, accumulated over the chunks.
-        if want_weight and ieee:
+        if want_weight and ffma:
             grad_weight_kernel.launch(
                 (grid_w, co_chunks), 896, stream,
                 (x_at, zp, ip + pooled_at, pwp, *dims, ffma_tiles_h, ffma_tiles_w,
@@ -539,10 +537,10 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
         elif want_weight:
             grad_weight_kernel.launch(
                 (grid_w, co_chunks), 128, stream,
-                (x_at, zp, pwp, *dims, *tiles_w, int(step > 0)))
+                (x_at, zp, pwp, *dims, *tiles_x, int(step > 0)))
         # 3. dx of the chunk.
         dx_at = dxp + b0 * c_in * spatial * item
-        if want_x and ieee:
+        if want_x and ffma:
             grid_x = max(1, min(math.ceil(size * spatial / 256), grid_x_limit))
             grad_x_kernel.launch(
                 (grid_x, 1), 256, stream,
@@ -563,7 +561,7 @@ def _backward_parity(grad_y, y, window_index, x, weight, bias, multiplier, negat
     if want_weight:
         dweight = torch.empty_like(weight)
         _kernel("parity_backward.cu",
-                f"grad_weight_reduce<{'true' if ieee else 'false'}, {scalar}>", index,
+                f"grad_weight_reduce<{'true' if ffma else 'false'}, {scalar}>", index,
                 _SIG_GRAD_WEIGHT_REDUCE).launch(
             (min(math.ceil(weight_slots / 32), 8 * sms), 1), _THREADS, stream,
             (pwp, _address(dweight, stream), grid_w, weight_slots, c_in, c_out))

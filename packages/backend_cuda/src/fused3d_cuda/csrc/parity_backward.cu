@@ -1150,8 +1150,8 @@ auto grad_x_kernel_for(int co_padded) {
 template <int CI4>
 cudaError_t launch_simt_chunk(const BlockShape& sc, const BackwardGeometry& gc, int blocks,
                               const float* x, const float* packed_rows, const float* dz,
-                              const uint8_t* window_index, float* grad_x, float* weight_partials, int accumulate,
-                              cudaStream_t stream) {
+                              const uint8_t* window_index, float* grad_x,
+                              float* weight_partials, int accumulate, cudaStream_t stream) {
   cudaError_t e;
   if (grad_x) {
     auto kernel = parity_grad_x_simt_kernel<CI4>;
@@ -1179,6 +1179,16 @@ cudaError_t launch_simt_chunk(const BlockShape& sc, const BackwardGeometry& gc, 
     if ((e = cudaGetLastError()) != cudaSuccess) return e;
   }
   return cudaSuccess;
+}
+
+// The chunk launcher for C_in <= 4 CI4 (C_in <= kMaxCin = 16).
+inline auto simt_chunk_launcher_for(int in_channels) {
+  switch ((in_channels + 3) / 4) {
+    case 1: return launch_simt_chunk<1>;
+    case 2: return launch_simt_chunk<2>;
+    case 3: return launch_simt_chunk<3>;
+    default: return launch_simt_chunk<4>;
+  }
 }
 
 template <typename T>
@@ -1243,12 +1253,9 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
           if ((e = cudaGetLastError()) != cudaSuccess) return e;
           T* grad_x = a.grad_x ? static_cast<T*>(a.grad_x) + n0 * x_image : nullptr;
           float* partials = a.grad_weight ? weight_partials : nullptr;
-          switch ((s.in_channels + 3) / 4) {
-            case 1: e = launch_simt_chunk<1>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-            case 2: e = launch_simt_chunk<2>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-            case 3: e = launch_simt_chunk<3>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-            default: e = launch_simt_chunk<4>(sc, gc, blocks, x, grad_x_weights, packed_dz, window_index, grad_x, partials, accumulate, stream); break;
-          }
+          e = simt_chunk_launcher_for(s.in_channels)(sc, gc, blocks, x, grad_x_weights, packed_dz,
+                                                     window_index, grad_x, partials, accumulate,
+                                                     stream);
           if (e != cudaSuccess) return e;
         }
         continue;

@@ -509,7 +509,8 @@ constexpr int ZS = 32 + 1;                      // grad_z [position][co]: confli
 constexpr int CS = 32 + 4;                      // class bytes [position][co]
 constexpr int kGroups = 14;
 constexpr int kThreads = 2 * kGroups * 32;      // 896
-constexpr int kPartialSlots = 27 * 16 * 32;     // == grad_w_tile::kPartialSlots
+constexpr int kPartialSlots = 27 * 16 * 32;
+static_assert(kPartialSlots == grad_w_tile::kPartialSlots, "grad_weight_reduce reads both layouts");
 }  // namespace grad_w_ffma_tile
 
 // Group -> its class and two offsets (both used by the class).
