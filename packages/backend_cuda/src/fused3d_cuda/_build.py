@@ -19,7 +19,9 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 #: Torch-free kernel sources: ``nvcc -c`` compiles each on its own (the CI resource check).
-KERNEL_SOURCES = ("general.cu", "parity_forward.cu", "parity_backward.cu")
+KERNEL_SOURCES = (
+    "general.cu", "parity_forward.cu", "parity_forward_wgmma.cu", "parity_backward.cu"
+)
 #: Torch-free host code with no kernels (dispatch between the paths).
 HOST_SOURCES = ("dispatch.cu",)
 HEADERS = ("fused3d_kernels.cuh", "fused3d_common.cuh", "parity_common.cuh")
@@ -68,10 +70,13 @@ def nvcc_version() -> str | None:
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else None
 
 
-def arch_flag(capability: tuple[int, int]) -> str:
-    """``-gencode`` for the device: compute_90/sm_90 on Hopper, the device's own cc elsewhere."""
+def arch_flags(capability: tuple[int, int]) -> list[str]:
+    """nvcc target flags for the device: its own ``-gencode``, except on Hopper (cc 9.0), which
+    gets the sm_90a target and ``FUSED3D_WGMMA`` so that the TF32 forward can use wgmma."""
     cc = f"{capability[0]}{capability[1]}"
-    return f"-gencode=arch=compute_{cc},code=sm_{cc}"
+    if capability == (9, 0):
+        return ["-gencode=arch=compute_90a,code=sm_90a", "-DFUSED3D_WGMMA"]
+    return [f"-gencode=arch=compute_{cc},code=sm_{cc}"]
 
 
 def cache_root() -> Path:
@@ -86,7 +91,7 @@ def build_key(capability: tuple[int, int]) -> str:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     for part in (torch.__version__, str(torch.version.cuda), str(nvcc_version()),
-                 arch_flag(capability)):
+                 *arch_flags(capability)):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -109,7 +114,7 @@ def load_extension(capability: tuple[int, int]) -> Path:
             sources=[str(p) for p in all_sources()],
             extra_include_paths=[str(CSRC)],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", arch_flag(capability)],
+            extra_cuda_cflags=["-O3", *arch_flags(capability)],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,

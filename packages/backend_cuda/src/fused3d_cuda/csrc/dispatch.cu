@@ -15,15 +15,18 @@ bool BlockShape::is_parity_fast_path() const {
 
 ForwardPath forward_path(const BlockShape& shape, DType dtype, bool allow_tf32) {
   if (!parity_forward_supported(shape, dtype, allow_tf32)) return ForwardPath::General;
+  if (parity_wgmma_forward_supported(shape, dtype, allow_tf32)) return ForwardPath::ParityWgmma;
   return (dtype == DType::Float32 && !allow_tf32) ? ForwardPath::ParitySimt
                                                   : ForwardPath::ParityTensorCore;
 }
 
 cudaError_t launch_forward(const BlockShape& shape, DType dtype, bool allow_tf32,
                            const ForwardArgs& args, cudaStream_t stream) {
-  if (forward_path(shape, dtype, allow_tf32) != ForwardPath::General)
-    return launch_parity_forward(shape, dtype, allow_tf32, args, stream);
-  return launch_general_forward(shape, dtype, args, stream);
+  switch (forward_path(shape, dtype, allow_tf32)) {
+    case ForwardPath::General: return launch_general_forward(shape, dtype, args, stream);
+    case ForwardPath::ParityWgmma: return launch_parity_wgmma_forward(shape, args, stream);
+    default: return launch_parity_forward(shape, dtype, allow_tf32, args, stream);
+  }
 }
 
 int64_t backward_workspace_bytes(const BlockShape& shape, DType dtype, bool allow_tf32) {

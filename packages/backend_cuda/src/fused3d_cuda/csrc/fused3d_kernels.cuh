@@ -65,7 +65,12 @@ struct BackwardArgs {
 };
 
 // Which forward implementation a call gets (for reporting and tests).
-enum class ForwardPath : int { General = 0, ParityTensorCore = 1, ParitySimt = 2 };
+enum class ForwardPath : int {
+  General = 0,
+  ParityTensorCore = 1,  // mma.sync
+  ParitySimt = 2,        // IEEE fp32 FFMA
+  ParityWgmma = 3,       // Hopper warpgroup MMA (sm_90a builds, fp32 with TF32)
+};
 
 ForwardPath forward_path(const BlockShape& shape, DType dtype, bool allow_tf32);
 
@@ -88,6 +93,11 @@ cudaError_t launch_general_backward(const BlockShape& shape, DType dtype,
 bool parity_forward_supported(const BlockShape& shape, DType dtype, bool allow_tf32);
 cudaError_t launch_parity_forward(const BlockShape& shape, DType dtype, bool allow_tf32,
                                   const ForwardArgs& args, cudaStream_t stream);
+
+// Built only for sm_90a (the extension passes FUSED3D_WGMMA there); false elsewhere.
+bool parity_wgmma_forward_supported(const BlockShape& shape, DType dtype, bool allow_tf32);
+cudaError_t launch_parity_wgmma_forward(const BlockShape& shape, const ForwardArgs& args,
+                                        cudaStream_t stream);
 
 bool parity_backward_supported(const BlockShape& shape, DType dtype, bool allow_tf32);
 int64_t parity_backward_workspace_bytes(const BlockShape& shape, DType dtype);

@@ -528,5 +528,77 @@ __device__ __forceinline__ void stage_weights_tf32(float* __restrict__ ws, const
   }
 }
 
+// ------------------------------------------------------------------ forward pieces
+// (shared by the mma.sync and wgmma forward kernels)
+
+struct ForwardGeometry {
+  int ci_padded;  // C_in rounded up to 8
+  int tiles, h_tiles, w_tiles;
+};
+
+// Running max-pool of one window, class by class, with PyTorch's rule. The conv value t
+// arrives with its bias; leaky(m * leaky(t)) is linear on each side of t = 0, so it is
+// t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
+// slope (one rounding instead of three; NaN and infinities propagate the same way).
+// Class 0 opens each window (kOpens): its value is the maximum so far and the index stays 0,
+// whatever the value (-inf included, as PyTorch leaves index 0 then). Window indices travel
+// packed, one byte per window (4 per word, byte `slot`); a take writes the class into its byte
+// (cls_bytes holds the class in every byte, so the write is one bit-select).
+template <bool kOpens>
+__device__ __forceinline__ void fold_into_pool(float t, float c_pos, float c_neg,
+                                               uint32_t cls_bytes, int slot, float& best,
+                                               uint32_t& windows) {
+  const float v = t * (t > 0.f ? c_pos : c_neg);
+  if (kOpens) {
+    best = v;
+  } else if (pool_takes(best, v)) {
+    best = v;
+    const uint32_t byte = 0xffu << (8 * slot);
+    windows = (windows & ~byte) | (cls_bytes & byte);
+  }
+}
+
+// The class in every byte of a word, for fold_into_pool.
+__host__ __device__ constexpr uint32_t class_bytes(int cls) { return (uint32_t)cls * 0x01010101u; }
+
+// The epilogue's slopes of one channel with multiplier m: leaky(m * leaky(t)) = t * c_pos for
+// t > 0 (v = m t, kept when m > 0) and t * c_neg otherwise (v = m slope t, kept when m slope < 0).
+__device__ __forceinline__ void channel_slopes(float m, float slope, float& c_pos, float& c_neg) {
+  c_pos = m > 0.f ? m : slope * m;
+  c_neg = (m * slope < 0.f) ? m * slope : slope * (m * slope);
+}
+
+// Where one thread's pooled outputs go, y[n, co, d, h, w] (and the window index, same
+// offsets): its values differ by compile-time multiples of the channel stride plus w, so a
+// store costs an add and its bounds checks, not the whole index product.
+struct PooledOutputs {
+  int64_t base;            // offset of (n, co_first, d, h, w = 0)
+  int64_t channel_stride;  // D * H * W
+  int width;               // W, or 0 when row h lies outside the input (nothing to store)
+  int channels;            // output channels from co_first on
+};
+
+__device__ __forceinline__ PooledOutputs pooled_outputs(const BlockShape& s, TileCoord c, int h,
+                                                        int co_first) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  PooledOutputs p;
+  p.channel_stride = (int64_t)D * H * W;
+  p.base = (((int64_t)c.n * s.out_channels + co_first) * D + c.d) * H * (int64_t)W +
+           (int64_t)h * W;
+  p.width = h < H ? W : 0;
+  p.channels = s.out_channels - co_first;
+  return p;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const PooledOutputs& p,
+                                             int channel, int w, float v, uint32_t window) {
+  if (w < p.width && channel < p.channels) {
+    const int64_t off = p.base + channel * p.channel_stride + w;
+    y[off] = from_acc<T>(v);
+    window_index[off] = (uint8_t)window;
+  }
+}
+
 }  // namespace parity
 }  // namespace fused3d_cuda

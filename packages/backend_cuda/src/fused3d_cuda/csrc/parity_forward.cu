@@ -28,57 +28,6 @@ constexpr int kThreadsFfma = 256;
 constexpr int kBlocksPerSmFfma = 2;
 constexpr int kTaps = 27;
 
-// Running max-pool of one window, class by class, with PyTorch's rule. The conv value t
-// arrives with its bias; leaky(m * leaky(t)) is linear on each side of t = 0, so it is
-// t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
-// slope (one rounding instead of three; NaN and infinities propagate the same way).
-// Class 0 opens each window (kOpens): its value is the maximum so far and the index stays 0,
-// whatever the value (-inf included, as PyTorch leaves index 0 then). Window indices travel
-// packed, one byte per window (4 per word, byte `slot`); a take writes the class into its byte.
-template <bool kOpens>
-__device__ __forceinline__ void fold_into_pool(float t, float c_pos, float c_neg, uint32_t cls,
-                                               int slot, float& best, uint32_t& windows) {
-  const float v = t * (t > 0.f ? c_pos : c_neg);
-  if (kOpens) {
-    best = v;
-  } else if (pool_takes(best, v)) {
-    best = v;
-    windows = (windows & ~(0xffu << (8 * slot))) | (cls << (8 * slot));
-  }
-}
-
-// Where one thread's pooled outputs go, y[n, co, d, h, w] (and the window index, same
-// offsets): its values differ by compile-time multiples of the channel stride plus w, so a
-// store costs an add and its bounds checks, not the whole index product.
-struct PooledOutputs {
-  int64_t base;            // offset of (n, co_first, d, h, w = 0)
-  int64_t channel_stride;  // D * H * W
-  int width;               // W, or 0 when row h lies outside the input (nothing to store)
-  int channels;            // output channels from co_first on
-};
-
-__device__ __forceinline__ PooledOutputs pooled_outputs(const BlockShape& s, TileCoord c, int h,
-                                                        int co_first) {
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  PooledOutputs p;
-  p.channel_stride = (int64_t)D * H * W;
-  p.base = (((int64_t)c.n * s.out_channels + co_first) * D + c.d) * H * (int64_t)W +
-           (int64_t)h * W;
-  p.width = h < H ? W : 0;
-  p.channels = s.out_channels - co_first;
-  return p;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const PooledOutputs& p,
-                                             int channel, int w, float v, uint32_t window) {
-  if (w < p.width && channel < p.channels) {
-    const int64_t off = p.base + channel * p.channel_stride + w;
-    y[off] = from_acc<T>(v);
-    window_index[off] = (uint8_t)window;
-  }
-}
-
 // ------------------------------------------------------------------ tensor-core core (TF32)
 
 template <typename T, int KSTEPS>
@@ -117,8 +66,8 @@ __device__ __forceinline__ void tile_compute_tf32(const float* __restrict__ xs,
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int col = nt * 8 + 2 * t + (r & 1);
-          fold_into_pool<false>(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col], cls, r,
-                                best[mt][nt][r], windows[mt][nt]);
+          fold_into_pool<false>(acc[mt][nt][r], slopes_s[col], slopes_s[kCoTile + col],
+                                class_bytes(cls), r, best[mt][nt][r], windows[mt][nt]);
         }
   }
   // Value r of n-tile nt: channel co_first + nt * 8 + (r & 1), w = w_first + 8 * (r >> 1).
@@ -194,8 +143,8 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
 #pragma unroll
         for (int j = 0; j < 4; ++j)
           fold_into_pool<decltype(opens)::value>(acc[j][cc], slopes_s[col],
-                                                 slopes_s[kCoTile + col], cls, j, best[j][cc],
-                                                 windows[cc]);
+                                                 slopes_s[kCoTile + col], class_bytes(cls), j,
+                                                 best[j][cc], windows[cc]);
       }
     };
     if (cls == 0) {
@@ -230,10 +179,6 @@ __device__ __forceinline__ void tile_compute_ffma(const float* __restrict__ xs,
 
 // ------------------------------------------------------------------ the kernel
 
-struct ForwardGeometry {
-  int ci_padded;  // C_in rounded up to 8
-  int tiles, h_tiles, w_tiles;
-};
 
 // x buffers per block: the tensor-core kernel (one block per SM) double-buffers its x tiles;
 // the FFMA kernel runs two blocks per SM with one buffer each.
@@ -300,10 +245,8 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
     const bool valid = co < s.out_channels;
     bias_s[threadIdx.x] = (valid && bias) ? to_acc(bias[co]) : 0.f;
     const float m = valid ? to_acc(multiplier[co * s.multiplier_stride]) : 0.f;
-    const float slope = (float)s.negative_slope;
-    // t > 0: v = m t, kept when m > 0.  t <= 0: v = m slope t, kept when m slope < 0.
-    slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
-    slopes_s[kCoTile + threadIdx.x] = (m * slope < 0.f) ? m * slope : slope * (m * slope);
+    channel_slopes(m, (float)s.negative_slope, slopes_s[threadIdx.x],
+                   slopes_s[kCoTile + threadIdx.x]);
   }
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
