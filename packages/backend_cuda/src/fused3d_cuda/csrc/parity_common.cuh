@@ -536,6 +536,18 @@ struct ForwardGeometry {
   int tiles, h_tiles, w_tiles;
 };
 
+// The tile grid of a forward call (tiles: all of them, as a 64-bit count; the caller checks it
+// fits an int, parity_forward_supported does).
+inline ForwardGeometry forward_geometry(const BlockShape& s, int ci_padded, int64_t* tiles) {
+  ForwardGeometry geo;
+  geo.ci_padded = ci_padded;
+  geo.h_tiles = (s.in_size[1] + kTileH - 1) / kTileH;
+  geo.w_tiles = (s.in_size[2] + kTileW - 1) / kTileW;
+  *tiles = s.batch * s.in_size[0] * (int64_t)geo.h_tiles * geo.w_tiles;
+  geo.tiles = (int)*tiles;
+  return geo;
+}
+
 // Running max-pool of one window, class by class, with PyTorch's rule. The conv value t
 // arrives with its bias; leaky(m * leaky(t)) is linear on each side of t = 0, so it is
 // t * (t > 0 ? c_pos : c_neg) with per-channel slopes precomputed from m and the negative
@@ -566,6 +578,22 @@ __host__ __device__ constexpr uint32_t class_bytes(int cls) { return (uint32_t)c
 __device__ __forceinline__ void channel_slopes(float m, float slope, float& c_pos, float& c_neg) {
   c_pos = m > 0.f ? m : slope * m;
   c_neg = (m * slope < 0.f) ? m * slope : slope * (m * slope);
+}
+
+// Per-channel constants of the block's 32 output channels co0..co0+31 in shared memory: the bias
+// (0 without one or past C_out) and the slopes [c_pos x 32][c_neg x 32]. Threads 0..31.
+template <typename T>
+__device__ __forceinline__ void stage_channel_constants(float* bias_s, float* slopes_s,
+                                                        const T* bias, const T* multiplier,
+                                                        const BlockShape& s, int co0) {
+  if (threadIdx.x < kCoTile) {
+    const int co = co0 + threadIdx.x;
+    const bool valid = co < s.out_channels;
+    bias_s[threadIdx.x] = (valid && bias) ? to_acc(bias[co]) : 0.f;
+    const float m = valid ? to_acc(multiplier[co * s.multiplier_stride]) : 0.f;
+    channel_slopes(m, (float)s.negative_slope, slopes_s[threadIdx.x],
+                   slopes_s[kCoTile + threadIdx.x]);
+  }
 }
 
 // Where one thread's pooled outputs go, y[n, co, d, h, w] (and the window index, same

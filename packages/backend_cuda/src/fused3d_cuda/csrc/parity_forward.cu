@@ -240,14 +240,7 @@ __global__ void __launch_bounds__(kTensorCores ? kThreadsTc : kThreadsFfma,
         ws[(k * cip + ci) * kCoTile + lane] = valid ? to_acc(src[k]) : 0.f;
     }
   }
-  if (threadIdx.x < kCoTile) {
-    const int co = co0 + threadIdx.x;
-    const bool valid = co < s.out_channels;
-    bias_s[threadIdx.x] = (valid && bias) ? to_acc(bias[co]) : 0.f;
-    const float m = valid ? to_acc(multiplier[co * s.multiplier_stride]) : 0.f;
-    channel_slopes(m, (float)s.negative_slope, slopes_s[threadIdx.x],
-                   slopes_s[kCoTile + threadIdx.x]);
-  }
+  stage_channel_constants(bias_s, slopes_s, bias, multiplier, s, co0);
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
     const TileCoord c = decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles);
@@ -290,12 +283,8 @@ inline size_t forward_smem_bytes(const BlockShape& s, bool tensor_cores, bool ra
 
 template <typename T, bool kTensorCores, int KSTEPS>
 cudaError_t launch_typed(const BlockShape& s, const ForwardArgs& a, cudaStream_t stream) {
-  ForwardGeometry geo;
-  geo.ci_padded = ci_padded_of(s);
-  geo.h_tiles = (s.in_size[1] + kTileH - 1) / kTileH;
-  geo.w_tiles = (s.in_size[2] + kTileW - 1) / kTileW;
-  const int64_t tiles = s.batch * s.in_size[0] * (int64_t)geo.h_tiles * geo.w_tiles;
-  geo.tiles = (int)tiles;
+  int64_t tiles = 0;
+  const ForwardGeometry geo = forward_geometry(s, ci_padded_of(s), &tiles);
   if (tiles == 0 || s.out_channels == 0) return cudaSuccess;
   const size_t smem =
       forward_smem_bytes(s, kTensorCores, kRawStaging<T, kTensorCores, KSTEPS>());
@@ -339,9 +328,8 @@ bool parity_forward_supported(const BlockShape& s, DType dtype, bool allow_tf32)
   if (s.in_channels > 24) return false;  // the tensor-core kernel is built for C_in <= 24
   for (int a = 0; a < 3; ++a)
     if (s.pooled_size[a] != s.in_size[a]) return false;
-  const int64_t tiles = s.batch * s.in_size[0] *
-                        (int64_t)((s.in_size[1] + parity::kTileH - 1) / parity::kTileH) *
-                        ((s.in_size[2] + parity::kTileW - 1) / parity::kTileW);
+  int64_t tiles = 0;
+  parity::forward_geometry(s, parity::ci_padded_of(s), &tiles);
   if (tiles >= (1LL << 31) || s.out_channels > 65535 * parity::kCoTile) return false;
   const bool tensor_cores = dtype != DType::Float32 || allow_tf32;
   const bool raw_staging = dtype != DType::Float32 && parity::ci_padded_of(s) <= 16;

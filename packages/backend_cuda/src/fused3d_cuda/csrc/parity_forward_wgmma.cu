@@ -308,14 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                       kXStride);
   cp_async_commit();
   stage_weights<CIP>(ws, w, s, co0);
-  if (threadIdx.x < kCoTile) {
-    const int co = co0 + threadIdx.x;
-    const bool valid = co < s.out_channels;
-    bias_s[threadIdx.x] = (valid && bias) ? bias[co] : 0.f;
-    const float m = valid ? multiplier[co * s.multiplier_stride] : 0.f;
-    channel_slopes(m, (float)s.negative_slope, slopes_s[threadIdx.x],
-                   slopes_s[kCoTile + threadIdx.x]);
-  }
+  stage_channel_constants(bias_s, slopes_s, bias, multiplier, s, co0);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int hl0 = 2 * (warp >> 2), channel = 8 * (warp & 3) + (lane >> 2), t = lane & 3;
@@ -347,12 +340,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <int KSTEPS>
 cudaError_t launch(const BlockShape& s, const ForwardArgs& a, cudaStream_t stream) {
-  ForwardGeometry geo;
-  geo.ci_padded = 8 * KSTEPS;
-  geo.h_tiles = (s.in_size[1] + kTileH - 1) / kTileH;
-  geo.w_tiles = (s.in_size[2] + kTileW - 1) / kTileW;
-  const int64_t tiles = s.batch * s.in_size[0] * (int64_t)geo.h_tiles * geo.w_tiles;
-  geo.tiles = (int)tiles;
+  int64_t tiles = 0;
+  const ForwardGeometry geo = forward_geometry(s, 8 * KSTEPS, &tiles);
   if (tiles == 0 || s.out_channels == 0) return cudaSuccess;
   const size_t smem = sizeof(float) * smem_floats<8 * KSTEPS>();
   auto kernel = parity_forward_wgmma_kernel<KSTEPS>;
