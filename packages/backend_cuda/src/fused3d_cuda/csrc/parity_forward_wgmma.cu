@@ -221,7 +221,7 @@ __device__ __forceinline__ bool stage_weights(float* __restrict__ ws, float* __r
 // warp per (k-group, line) row, lanes along w, all of a warp's row loads issued before its
 // stores (one at a time, the staging was a chain of load latencies); x at w + 1 comes from the
 // next lane, lane 31 loads the row's 33rd value. Returns whether the sum of |x| is at most 2^40
-// (NaN and inf fail), which lets the tile take fold_pair_finite.
+// (NaN and inf fail), which lets the tile take fold_pair<true>.
 template <int CIP>
 __device__ __forceinline__ bool stage_x_copies(float* __restrict__ xt,
                                                const float* __restrict__ raw) {
@@ -325,6 +325,12 @@ __device__ __forceinline__ void start_pair(float (&acc)[32], int pair, float bia
 // Fold class pair `pair`'s values into the running pools of one line pair. acc[4j + 2h + e]:
 // class 2 pair + h at the thread's position q = 2j + e (line q >> 3, slot 8 (j & 3) + 2t + e);
 // both classes of a position fold in class order.
+// kFinite: the tile's values cannot be NaN (|x| <= 2^40 by stage_x_copies, |w| <= 2^40 and
+// |bias| <= 2^100 keep every partial sum of t below 2^101, c_pos >= c_neg are finite). Then
+// t (t > 0 ? c_pos : c_neg) = max(t c_pos, t c_neg) (up to the sign of a zero) and PyTorch's
+// rule is a plain best < v: 4.8 ALU-pipe instructions per value instead of fold_into_pool's
+// 6.8, and the ALU pipe (which issues every other cycle) is what bounds the fold.
+template <bool kFinite>
 __device__ __forceinline__ void fold_pair(float (&acc)[32], int pair, float c_pos, float c_neg,
                                           float (&best)[16], uint32_t (&windows)[4]) {
   fence_operands(acc);
@@ -334,33 +340,16 @@ __device__ __forceinline__ void fold_pair(float (&acc)[32], int pair, float c_po
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int q = 2 * j + e;
-      fold_into_pool<false>(acc[4 * j + e], c_pos, c_neg, even, q & 3, best[q], windows[q >> 2]);
-      fold_into_pool<false>(acc[4 * j + 2 + e], c_pos, c_neg, odd, q & 3, best[q],
-                            windows[q >> 2]);
-    }
-}
-
-// The fold of a tile where no value can be NaN: |x| <= 2^40 (stage_x_copies), |w| <= 2^40,
-// |bias| <= 2^100 keep every partial sum of t below 2^101, and c_pos >= c_neg are finite. Then
-// t (t > 0 ? c_pos : c_neg) = max(t c_pos, t c_neg) (up to the sign of a zero) and PyTorch's
-// rule is a plain best < v: 4.8 ALU-pipe instructions per value instead of 6.8, which is what
-// bounds the fold (the ALU pipe issues every other cycle).
-__device__ __forceinline__ void fold_pair_finite(float (&acc)[32], int pair, float c_pos,
-                                                 float c_neg, float (&best)[16],
-                                                 uint32_t (&windows)[4]) {
-  fence_operands(acc);
-  const uint32_t even = class_bytes(2 * pair), odd = class_bytes(2 * pair + 1);
-#pragma unroll
-  for (int j = 0; j < 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int q = 2 * j + e;
-      const uint32_t byte = 0xffu << (8 * (q & 3));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float t = acc[4 * j + 2 * h + e];
+        if (!kFinite) {
+          fold_into_pool<false>(t, c_pos, c_neg, h ? odd : even, q & 3, best[q], windows[q >> 2]);
+          continue;
+        }
         const float v = fmaxf(t * c_pos, t * c_neg);
         if (best[q] < v) {
+          const uint32_t byte = 0xffu << (8 * (q & 3));
           best[q] = v;
           windows[q >> 2] = (windows[q >> 2] & ~byte) | ((h ? odd : even) & byte);
         }
@@ -390,9 +379,9 @@ __device__ __forceinline__ void tile_pools(uint64_t desc_a, uint64_t desc_b, flo
     start_pair<KSTEPS>(acc, pair, bias, desc_a, desc_b);
     wgmma_wait<0>();
     if (finite)  // block-uniform
-      fold_pair_finite(acc, pair, c_pos, c_neg, best, windows);
+      fold_pair<true>(acc, pair, c_pos, c_neg, best, windows);
     else
-      fold_pair(acc, pair, c_pos, c_neg, best, windows);
+      fold_pair<false>(acc, pair, c_pos, c_neg, best, windows);
   }
 }
 
