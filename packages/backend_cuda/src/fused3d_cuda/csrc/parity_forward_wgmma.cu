@@ -472,6 +472,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   if ((int)blockIdx.x >= geo.tiles) return;
   const uint32_t tile_bytes = (uint32_t)(s.in_channels * kRawStride * sizeof(float));
 
+  // Start the copy of tile `index` into raw: one bulk tensor copy, or every thread's cp.async.
+  auto fetch_x_tile = [&](int index) {
+    const TileCoord c = decode_tile(index, s.in_size[0], geo.h_tiles, geo.w_tiles);
+    if (use_tma) {
+      if (threadIdx.x == 0) tma_x_tile(raw, &x_map, c, x_ready, tile_bytes);
+    } else {
+      issue_x_tile<float>(raw, x, s, c, CIP, kRawStride);
+      cp_async_commit();
+    }
+  };
   int tile = blockIdx.x;
   if (use_tma) {
     // channels past C_in (up to the k-step) stay zero: the box covers C_in channels only
@@ -482,14 +492,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_proxy_async();
     }
     __syncthreads();
-    if (threadIdx.x == 0)
-      tma_x_tile(raw, &x_map, decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles), x_ready,
-                 tile_bytes);
-  } else {
-    issue_x_tile<float>(raw, x, s, decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles), CIP,
-                        kRawStride);
-    cp_async_commit();
   }
+  fetch_x_tile(tile);
   // xt is free until the first tile's staging: the weight slice passes through it
   bool finite_block = stage_weights<CIP>(ws, xt, w, s, co0);
   stage_channel_constants(bias_s, slopes_s, bias, multiplier, s, co0);
@@ -520,16 +524,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool x_bounded = stage_x_copies<CIP>(xt, raw);
     fence_proxy_async();  // generic stores to xt / ws, then reads by the tensor cores
     const bool finite = __syncthreads_and(x_bounded) && finite_block;
-    const int next = tile + gridDim.x;
-    if (next < geo.tiles) {  // raw is free again: fetch the next tile during this one's math
-      const TileCoord after = decode_tile(next, s.in_size[0], geo.h_tiles, geo.w_tiles);
-      if (use_tma) {
-        if (threadIdx.x == 0) tma_x_tile(raw, &x_map, after, x_ready, tile_bytes);
-      } else {
-        issue_x_tile<float>(raw, x, s, after, CIP, kRawStride);
-        cp_async_commit();
-      }
-    }
+    // raw is free again: fetch the next tile during this one's math
+    if (tile + (int)gridDim.x < geo.tiles) fetch_x_tile(tile + gridDim.x);
     float best[16];
     uint32_t windows[4];
     tile_pools<KSTEPS>(desc_a, desc_b, bias_s[channel], slopes_s[channel],
