@@ -86,11 +86,16 @@ def test_negative_slope_argument(backend_name, device, generator):
 @pytest.mark.parametrize("mask", [(True, False, False, False), (False, True, False, False),
                                   (False, False, True, False), (False, False, False, True)],
                          ids=["x", "weight", "bias", "multiplier"])
-def test_needs_grad_mask(backend_name, device, generator, mask):
-    """Only the requested gradient is produced, and it is right."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_needs_grad_mask(backend_name, device, generator, mask, dtype):
+    """Only the requested gradient is produced, and it is the one the full backward gives.
+    float32 at W = 8 takes the fast paths (the cuda backend's dz made inside its dweight kernel,
+    which then skips the parts not asked for); float64 the general ones."""
     import fused3d
 
-    inputs = make_inputs(Case(), torch.float64, device, generator)
+    case = Case() if dtype == torch.float64 else Case(spatial=(2, 4, 8), in_channels=8,
+                                                       out_channels=6)
+    inputs = make_inputs(case, dtype, device, generator)
     leaves = [t.detach().clone().requires_grad_(wanted)
               for t, wanted in zip(inputs.tensors(), mask, strict=True)]
     y = fused3d.fused_block(*leaves, 2, 1, 1, backend=backend_name)
@@ -100,7 +105,9 @@ def test_needs_grad_mask(backend_name, device, generator, mask):
     full = [t.detach().clone().requires_grad_() for t in inputs.tensors()]
     y_full = fused3d.fused_block(*full, 2, 1, 1, backend=backend_name)
     expected = torch.autograd.grad(y_full, full, grad_y)[mask.index(True)]
-    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    # float64: the same sums; float32: a backend may order a masked call's sums differently.
+    unit = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(grad, expected, rtol=unit, atol=unit * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
@@ -150,12 +157,16 @@ BACKWARD_SPECIALS = {
 }
 
 
+# W = 5 and W = 8: the cuda backend's tensor-core backward makes dz in its dweight kernel where
+# whole 16-byte rows can be copied (W % 8 == 0 for every dtype here), in a separate pass else.
+@pytest.mark.parametrize("width", [5, 8], ids=["w5", "w8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64],
                          ids=["float32", "float16", "float64"])
 @pytest.mark.parametrize("special", list(BACKWARD_SPECIALS), ids=list(BACKWARD_SPECIALS))
 def test_backward_where_output_does_not_settle_gradient(backend_name, device, generator,
-                                                        special, dtype):
+                                                        special, dtype, width):
     case, modify = BACKWARD_SPECIALS[special]
+    case = Case(**{**case.__dict__, "spatial": (*case.spatial[:2], width)})
     inputs = make_inputs(case, dtype, device, generator)
     if modify is not None:
         inputs = modify(inputs)
