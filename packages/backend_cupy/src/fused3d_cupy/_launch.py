@@ -51,7 +51,10 @@ class Kernel:
     """One compiled kernel on one device, with its parameter layout.
 
     ``signature``: the kernel's parameters as ``struct`` codes in order, e.g. ``"6P 8i d 4i"``
-    (``P`` a pointer, ``i`` an int, ``d`` a double); native alignment matches the CUDA ABI.
+    (``P`` a pointer, ``i`` an int, ``d`` a double); native alignment matches the CUDA ABI. A
+    by-value struct parameter is one ``<size>s`` token (``128s``: a CUtensorMap, passed as its
+    bytes): ``cuLaunchKernel`` reads each parameter from its own address with the size and
+    alignment the kernel declares, so the host buffer needs no padding for it.
     """
 
     __slots__ = ("_buffer_type", "_format", "_function", "_offsets", "_pointer", "_slots", "raw")
@@ -69,7 +72,10 @@ class Kernel:
         codes = []
         for token in signature.split():
             count = token[:-1]
-            codes.extend(token[-1] * (int(count) if count else 1))
+            if token[-1] == "s":
+                codes.append(token)  # one parameter of `count` bytes
+            else:
+                codes.extend(token[-1] * (int(count) if count else 1))
         offsets = []
         for i, code in enumerate(codes):
             offsets.append(struct.calcsize("@" + "".join(codes[: i + 1])) - struct.calcsize(code))

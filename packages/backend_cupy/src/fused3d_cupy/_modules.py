@@ -46,6 +46,8 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
             for t, acc in _HALF_TYPES
         ),
     ),
+    # Compiled only on a cc 9.0 device, for sm_90a (MODULE_OPTIONS).
+    "parity_forward_wgmma.cu": ("parity_forward_wgmma<1>", "parity_forward_wgmma<2>"),
     # The plain kernels of this file are extern "C": CuPy finds them by name.
     "parity_backward.cu": (
         "parity_grad_x_tf32<1>",
@@ -68,6 +70,12 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
 }
 
 COMPILE_OPTIONS = ("--std=c++17",)
+#: Extra NVRTC options per module. wgmma and the bulk tensor copies exist only in the
+#: architecture-specific sm_90a target, which CuPy's own -arch (sm_90 on an H100, appended after
+#: these) does not give. NVRTC 13.0 given both compiles for sm_90a (checked on the H100); the
+#: source refuses to compile for anything else, and then _ops.wgmma_forward_reasons reports it
+#: and the forward keeps its mma.sync kernel.
+MODULE_OPTIONS: dict[str, tuple[str, ...]] = {"parity_forward_wgmma.cu": ("-arch=sm_90a",)}
 
 _lock = threading.Lock()
 
@@ -91,7 +99,7 @@ def _module(file_name: str):
 
     return cupy.RawModule(
         code=module_source(file_name),
-        options=COMPILE_OPTIONS,
+        options=COMPILE_OPTIONS + MODULE_OPTIONS.get(file_name, ()),
         name_expressions=list(NAME_EXPRESSIONS[file_name]),
     )
 

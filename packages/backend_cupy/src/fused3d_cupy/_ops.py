@@ -21,6 +21,7 @@ from fused3d.ops import config_from_op_args, finish_channel_grad, skipped_grad
 
 from ._launch import Kernel, ensure_context
 from ._modules import get_kernel
+from ._tensor_map import TENSOR_MAP_BYTES, XTileMap
 
 #: (kernel scalar type, accumulation type) per torch dtype; halves travel as raw 16-bit words.
 KERNEL_TYPES = {
@@ -53,6 +54,10 @@ BACKWARD_CHUNK_BYTES = int(os.environ.get("FUSED3D_CUPY_BACKWARD_CHUNK_BYTES", s
 #: How addresses are taken: "pointer" (default, ``data_ptr()``) or "dlpack" (``cupy.from_dlpack``
 #: views, the slower handshake, kept to measure the difference).
 ARGUMENT_MODE = os.environ.get("FUSED3D_CUPY_ARGUMENTS", "pointer")
+#: The TF32 forward on a cc 9.0 GPU: Hopper's warpgroup MMA kernel fed by bulk tensor copies
+#: (parity_forward_wgmma, "1", the default) or the mma.sync kernel of every sm_80+ GPU
+#: (parity_forward_tc, "0").
+WGMMA_FORWARD = os.environ.get("FUSED3D_CUPY_WGMMA", "1") == "1"
 _THREADS = 256
 #: The TF32 fast path keeps every input channel's weights in registers: C_in <= 16.
 TF32_MAX_IN_CHANNELS = 16
@@ -71,6 +76,7 @@ FFMA_MAX_OUT_CHANNELS_BACKWARD = 64
 _SIG_TF32 = "10P 8i d 5i"
 _SIG_EXACT = "6P 8i d 4i"
 _SIG_PERSISTENT = "6P 8i d 3i"  # parity_forward_tc, parity_forward_ffma
+_SIG_WGMMA = f"6P 8i d 4i {TENSOR_MAP_BYTES}s"  # ... use_tma, the x tensor map by value
 _SIG_GENERAL_FORWARD = "6P 20i d"
 _SIG_GENERAL_GRAD_Z = "9P 20i d"
 _SIG_GENERAL_ADJOINT = "4P 18i"
@@ -188,7 +194,7 @@ def uses_ffma_backward(x: torch.Tensor, weight: torch.Tensor, config: BlockConfi
 class _ForwardPlan:
     """Everything about a forward call that depends only on shapes, dtype and flags."""
 
-    __slots__ = ("block", "grid", "head", "index", "kernel", "shape", "shared", "tail")
+    __slots__ = ("block", "grid", "head", "index", "kernel", "shape", "shared", "tail", "x_map")
 
 
 _forward_plans: dict[tuple, _ForwardPlan] = {}
@@ -210,13 +216,20 @@ def _forward_plan(x, weight, bias, multiplier, stride, padding, output_padding, 
     flags = (_multiplier_stride(multiplier), int(bias is not None), float(negative_slope))
     plan.head = ()
     plan.shared = 0
+    plan.x_map = None
     with _on_device(index):
         if uses_tf32_path(x, config, allow_tf32) and _persistent_tiles(x.shape)[0] < 2**30:
             ksteps = 1 if c_in <= 8 else 2
-            plan.kernel = _kernel("parity_forward.cu", f"parity_forward_tc<{ksteps}>", index,
-                                  _SIG_PERSISTENT)
             tiles, tiles_h, tiles_w = _persistent_tiles(x.shape)
-            plan.shared = _raise_shared(plan.kernel, _tc_shared_bytes(ksteps))
+            if not wgmma_forward_reasons(index):
+                plan.kernel = _kernel("parity_forward_wgmma.cu",
+                                      f"parity_forward_wgmma<{ksteps}>", index, _SIG_WGMMA)
+                plan.shared = _raise_shared(plan.kernel, _wgmma_shared_bytes(ksteps))
+                plan.x_map = XTileMap(x.shape)  # per call: use_tma and the map of x's address
+            else:
+                plan.kernel = _kernel("parity_forward.cu", f"parity_forward_tc<{ksteps}>",
+                                      index, _SIG_PERSISTENT)
+                plan.shared = _raise_shared(plan.kernel, _tc_shared_bytes(ksteps))
             # Persistent: one block of 16 warps per SM, spread over the 32-channel chunks.
             chunks = math.ceil(c_out / 32)
             plan.grid = (max(1, min(tiles, math.ceil(_sm_count(index) / chunks))), chunks)
@@ -277,13 +290,41 @@ def forward_impl(x, weight, bias, multiplier, stride, padding, output_padding, n
     with _on_device(index):
         ensure_context(index)
         stream = _raw_stream(index)
+        x_address = _address(x, stream)
+        tail = plan.tail if plan.x_map is None else (*plan.tail,
+                                                     *plan.x_map.arguments(x_address))
         plan.kernel.launch(
             plan.grid, plan.block, stream,
-            (_address(x, stream), _address(weight, stream), _address(bias, stream),
+            (x_address, _address(weight, stream), _address(bias, stream),
              _address(multiplier, stream), _address(y, stream), _address(window_index, stream),
-             *plan.head, *plan.tail),
+             *plan.head, *tail),
             shared_mem=plan.shared)
     return y, window_index
+
+
+@cache
+def wgmma_forward_reasons(device_index: int) -> tuple[str, ...]:
+    """Why the TF32 forward on this device does not take parity_forward_wgmma (empty: it does).
+
+    Compiles the module on first use (NVRTC, for sm_90a); a compiler that cannot is a reason,
+    not an error: the mma.sync kernel computes the same op.
+    """
+    if not WGMMA_FORWARD:
+        return ("switched off (FUSED3D_CUPY_WGMMA=0)",)
+    capability = torch.cuda.get_device_capability(device_index)
+    if capability != (9, 0):
+        return (f"needs compute capability 9.0 (sm_90a), this GPU is "
+                f"{capability[0]}.{capability[1]}",)
+    try:
+        with _on_device(device_index):
+            for ksteps in (1, 2):
+                get_kernel("parity_forward_wgmma.cu", f"parity_forward_wgmma<{ksteps}>",
+                           device_index)
+    except Exception as error:  # NVRTC without sm_90a, or one that refuses the option
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return (f"NVRTC could not build it for sm_90a ({type(error).__name__}: "
+                f"{first_line[:200]})",)
+    return ()
 
 
 # --------------------------------------------------------------------------- backward
@@ -627,6 +668,14 @@ def _tc_shared_bytes(ksteps: int) -> int:
     """parity_forward_tc: B fragments 27 x C_in padded x 32, two x tiles, bias and slopes."""
     ci_padded = 8 * ksteps
     return 4 * (27 * ci_padded * 32 + 2 * ci_padded * _X_TILE_CHANNEL + 3 * 32)
+
+
+def _wgmma_shared_bytes(ksteps: int) -> int:
+    """parity_forward_wgmma (wgmma_tile::shared_floats): the 18 steps' weights (64 rows x C_in
+    padded), two shifted x copies (18 lines x 32), the raw x tile, bias and slopes, mbarrier."""
+    ci_padded = 8 * ksteps
+    return 4 * (18 * 64 * ci_padded + 2 * ci_padded * 18 * 32 + ci_padded * _X_TILE_CHANNEL
+                + 3 * 32 + 2)
 
 
 def _ffma_shared_bytes(ksteps: int) -> int:

@@ -133,3 +133,98 @@ template <int N>
 __device__ __forceinline__ void stage_wait_pending() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+// ------------------------------------------------------------------ persistent tiles
+// What the persistent forwards share (parity_forward_tc and parity_forward_ffma in
+// parity_forward.cu, parity_forward_wgmma in its own file): a tile is 8 h-lines x 32 w pooled
+// positions at one depth of one image, 32 output channels per block; its x halo {tile, tile+1}^3
+// is staged as [ci][dd][hh][ww], 2 depths x 9 rows of 33 values, rows 36 floats apart (16-byte
+// aligned).
+namespace persistent_tile {
+constexpr int TH = 8, TW = 32, CO = 32, TAPS = 27;
+constexpr int HALO_H = TH + 1, ROW = 36, ROWS = 2 * HALO_H, HALO = ROWS * ROW;
+static_assert(HALO % 8 == 0, "rows of 36 values");
+
+struct Origin {
+    int n, d, h0, w0;
+};
+
+__device__ __forceinline__ Origin origin_of(int tile, int D, int tiles_h, int tiles_w) {
+    Origin o;
+    o.w0 = (tile % tiles_w) * TW;
+    tile /= tiles_w;
+    o.h0 = (tile % tiles_h) * TH;
+    tile /= tiles_h;
+    o.d = tile % D;
+    o.n = tile / D;
+    return o;
+}
+
+// Issue the cp.async copies of the tile at `o` into `xs` (channel stride XSTRIDE), zeros
+// outside the input: 16-byte copies of each row's first 32 values where `chunks` (W % 4 == 0,
+// x 16-byte aligned), then the 33rd value on its own; 4-byte copies otherwise. OPAQUE_THREAD:
+// for a caller that holds many registers through its tile loop, the thread index is hidden from
+// the optimiser, so that the copies' per-thread row arithmetic is redone per tile instead of
+// hoisted out of the loop and spilled.
+template <int CIP, int XSTRIDE, int THREADS, bool OPAQUE_THREAD = false>
+__device__ __forceinline__ void issue_x_tile(float* xs, const float* x, Origin o, int Cin,
+                                             int D, int H, int W, bool chunks) {
+    unsigned int thread = threadIdx.x;
+    if (OPAQUE_THREAD) {
+        asm volatile("" : "+r"(thread));
+        __builtin_assume(thread < THREADS);  // as threadIdx.x: the row arithmetic stays unsigned
+    }
+    const long long spatial = (long long)D * H * W;
+    const float* xn = x + (long long)o.n * Cin * spatial;
+    // Row `row` of the tile at w offset ww: its shared-memory slot, and its source (null
+    // outside the input).
+    auto source = [&](int row, int ww, float*& dst) -> const float* {
+        const int ci = row / ROWS, rest_row = row - ci * ROWS;
+        const int dd = rest_row >= HALO_H, hh = rest_row - dd * HALO_H;
+        dst = xs + ci * XSTRIDE + rest_row * ROW + ww;
+        const bool inside = ci < Cin && o.d + dd < D && o.h0 + hh < H && o.w0 + ww < W;
+        return inside ? xn + ci * spatial + ((long long)(o.d + dd) * H + o.h0 + hh) * W + o.w0 +
+                            ww
+                      : nullptr;
+    };
+    if (chunks) {
+        for (int row = thread >> 3; row < CIP * ROWS; row += THREADS / 8) {
+            float* dst;
+            const float* src = source(row, (thread & 7) * 4, dst);
+            stage_async<16>(dst, src ? src : x, src != nullptr);
+        }
+        for (int row = thread; row < CIP * ROWS; row += THREADS) {
+            float* dst;
+            const float* src = source(row, TW, dst);
+            stage_async<4>(dst, src ? src : x, src != nullptr);
+        }
+    } else {
+        for (int e = thread; e < CIP * ROWS * (TW + 1); e += THREADS) {
+            const int row = e / (TW + 1);
+            float* dst;
+            const float* src = source(row, e - row * (TW + 1), dst);
+            stage_async<4>(dst, src ? src : x, src != nullptr);
+        }
+    }
+}
+
+// The block's bias and activation slopes (threads 0..31, one channel each).
+// leaky(m * leaky(t)) is linear on each side of t = 0: t * (t > 0 ? c_pos : c_neg), one
+// rounding instead of three. t > 0: m t, kept when m > 0; t <= 0: m slope t, kept when
+// m slope < 0. slopes_s holds c_pos for the 32 channels, then c_neg.
+__device__ __forceinline__ void stage_bias_and_slopes(float* bias_s, float* slopes_s,
+                                                      const float* bias,
+                                                      const float* multiplier, int co0,
+                                                      int Cout, int multiplier_stride,
+                                                      int has_bias, double negative_slope) {
+    if (threadIdx.x < CO) {
+        const int co = co0 + threadIdx.x;
+        const bool valid = co < Cout;
+        bias_s[threadIdx.x] = valid && has_bias ? bias[co] : 0.f;
+        const float m = valid ? multiplier[co * multiplier_stride] : 0.f;
+        const float slope = float(negative_slope);
+        slopes_s[threadIdx.x] = m > 0.f ? m : slope * m;
+        slopes_s[CO + threadIdx.x] = m * slope < 0.f ? m * slope : slope * (m * slope);
+    }
+}
+}  // namespace persistent_tile
