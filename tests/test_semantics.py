@@ -63,6 +63,29 @@ def test_nan_in_weight_spreads(backend_name, device, generator):
     check_against_oracle(backend_name, inputs, generator, gradients=False)
 
 
+@pytest.mark.parametrize("allow_tf32", [False, True], ids=["ieee", "tf32"])
+def test_subnormal_values_are_kept(backend_name, device, generator, allow_tf32):
+    """fp32 subnormals are numbers, as in PyTorch: x and the bias scaled by 2^-129 put (nearly)
+    all of x, every conv value and y below the smallest normal (2^-126), and dweight's products
+    too. A kernel built with flush-to-zero returns zeros there and picks window 0. (On the CPU
+    TF32 does not exist: both ids run IEEE fp32.)"""
+    case = Case(spatial=(2, 4, 8), in_channels=8, out_channels=6)
+    inputs = make_inputs(case, torch.float32, device, generator)
+    inputs.x = inputs.x * 2.0**-129
+    inputs.bias = inputs.bias * 2.0**-129
+    assert (inputs.x.abs() < 2.0**-126).float().mean() > 0.99 and (inputs.x != 0).all()
+    y, _, _ = run_backend(backend_name, inputs, allow_tf32=allow_tf32)
+    zeros = int((y == 0).sum())
+    assert zeros == 0 and (y.abs() < 2.0**-126).all(), (
+        f"{zeros} of {y.numel()} outputs are zero (subnormals flushed?); "
+        f"largest |y| {float(y.abs().max()):.3g}"
+    )
+    # A conv value is at most 8 x 8 products and their sums, then the activation: each result
+    # rounded to a multiple of 2^-149, an absolute error of at most 2^-150 apiece.
+    check_against_oracle(backend_name, inputs, generator, allow_tf32=allow_tf32,
+                         absolute_floor=256 * 2.0**-150)
+
+
 def test_channels_last_and_noncontiguous(backend_name, device, generator):
     case = Case(spatial=(3, 4, 4), in_channels=4, out_channels=6)
     inputs = make_inputs(case, torch.float64, device, generator)
