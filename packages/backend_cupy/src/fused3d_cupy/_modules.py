@@ -77,9 +77,10 @@ NAME_EXPRESSIONS: dict[str, tuple[str, ...]] = {
 #: The NVRTC options of every module (as CuPy's own compile gives them, less its -ftz=true):
 #: unannotated functions are device functions.
 COMPILE_OPTIONS = ("--std=c++17", "--device-as-default-execution-space")
-#: Extra NVRTC options per module. wgmma and the bulk tensor copies exist only in the
-#: architecture-specific sm_90a target; the source refuses to compile for anything else, and
-#: then _ops.wgmma_forward_reasons reports it and the forward keeps its mma.sync kernel.
+#: Modules with a fixed NVRTC target instead of the device's own. wgmma and the bulk tensor
+#: copies exist only in the architecture-specific sm_90a target; the source refuses to compile
+#: for anything else, and then _ops.wgmma_forward_reasons reports it and the forward keeps its
+#: mma.sync kernel.
 MODULE_ARCH: dict[str, str] = {"parity_forward_wgmma.cu": "sm_90a"}
 
 _lock = threading.Lock()
@@ -126,10 +127,10 @@ def _module(file_name: str, arch: str, kind: str):
     and its lowered (mangled) kernel names.
 
     Compiled here rather than by ``RawModule(code=...)`` because CuPy adds ``-ftz=true`` to every
-    compile, flushing fp32 subnormals to zero where PyTorch keeps them (a later ``-ftz=false``
-    does not override it). Kept on disk in CuPy's cache folder, keyed by source, options, arch and
-    NVRTC version, so later processes load it without compiling; written atomically, so
-    concurrent first use is safe.
+    compile, flushing fp32 subnormals to zero where PyTorch keeps them (an ``-ftz=false`` in
+    RawModule's options, which CuPy's own flag follows, does not override it). Kept on disk in
+    CuPy's cache folder, keyed by source, options, arch and NVRTC version, so later processes
+    load it without compiling; written atomically, so concurrent first use is safe.
     """
     import cupy
     from cupy_backends.cuda.libs import nvrtc
