@@ -43,6 +43,26 @@ def test_kernel_sources_compile_for_sm90_without_spills(backend_name, tmp_path):
         assert not any(spills), f"{source.name} spills registers:\n{report}"
 
 
+def test_cuda_sources_compile_for_gpus_before_hopper(backend_name, tmp_path):
+    """The cuda backend compiles every kernel file for the GPU it runs on: the files holding the
+    Hopper kernels (wgmma, bulk tensor copies) must still compile for an A100 (sm_80), where
+    those kernels are never launched. (Their TMA and mbarrier instructions once made such a
+    build fail.)"""
+    if backend_name != "cuda":
+        pytest.skip("only the cuda backend builds every kernel file for the device's own target")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: install the CUDA toolkit to run the compile check")
+    hopper_files = [source for source in _sources(backend_name) if "wgmma" in source.name]
+    assert hopper_files, "no wgmma kernel files found: the check would prove nothing"
+    for source in hopper_files:
+        result = subprocess.run([nvcc, "-c", "-std=c++17", "-O3",
+                                 "-gencode=arch=compute_80,code=sm_80", str(source), "-o",
+                                 str(tmp_path / (source.stem + ".o"))],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"nvcc (sm_80) failed on {source}:\n{result.stderr}"
+
+
 def test_generated_triton_kernels_match_their_generator(backend_name):
     """parity_kernels.py is written by tools/generate_parity_kernels.py: an edit to one side
     only (by hand, or a generator change not rerun) would ship kernels nobody generated."""

@@ -20,11 +20,12 @@ import torch
 CSRC = Path(__file__).resolve().parent / "csrc"
 #: Torch-free kernel sources: ``nvcc -c`` compiles each on its own (the CI resource check).
 KERNEL_SOURCES = (
-    "general.cu", "parity_forward.cu", "parity_forward_wgmma.cu", "parity_backward.cu"
+    "general.cu", "parity_forward.cu", "parity_forward_wgmma.cu", "parity_backward.cu",
+    "parity_backward_wgmma.cu",
 )
 #: Torch-free host code with no kernels (dispatch between the paths).
 HOST_SOURCES = ("dispatch.cu",)
-HEADERS = ("fused3d_kernels.cuh", "fused3d_common.cuh", "parity_common.cuh")
+HEADERS = ("fused3d_kernels.cuh", "fused3d_common.cuh", "parity_common.cuh", "wgmma_common.cuh")
 BINDINGS = "bindings.cpp"
 
 

@@ -13,7 +13,8 @@
 //  2. dx kernel: dx[i] = sum over offsets o and classes P >= o of dz_P[i - o] W[k(P,o)]^T, an
 //     implicit GEMM over input positions (gather form: every dx element is written once by one
 //     thread, no atomics).
-//  3. dweight kernel: dW[k(P,o)] = sum over pooled m of x[m + o]^T dz_P[m], per-block partials.
+//  3. dweight kernel: dW[k(P,o)] = sum over pooled m of x[m + o]^T dz_P[m], per-block partials
+//     (for fp32 with TF32 on Hopper builds: parity_backward_wgmma.cu's warpgroup-MMA kernel).
 //  4. a reduce kernel sums the per-block partials in a fixed order (deterministic results).
 #include "parity_common.cuh"
 
@@ -24,20 +25,10 @@ constexpr int kThreads = 256;
 constexpr int kThreadsWinner = 512;  // 16 warps, two per h-line (as the forward)
 constexpr int kThreadsWide = 512;    // dx and dW kernels: 16 warps as well
 constexpr int kWinnerWarps = kThreadsWinner / 32;
-constexpr int kTaps = 27;
-constexpr int kMaxCin = 16;   // dx: one 16-wide n block of input channels; dW: one m-tile
-constexpr int kMaxCout = 32;  // one 32-channel slice
-// dW kernel strides: = 4 (mod 32) words so an mma fragment's 8x4 lanes hit distinct banks.
-constexpr int kXStrideT = 676;                 // x tile [ci][halo], ci = fragment row
-constexpr int kTilePositions = kTileH * kTileW;  // 256 pooled positions
-constexpr int kDzStrideT = kTilePositions + 4;   // dz tile [co][position]
+// dW kernel x tile stride: = 4 (mod 32) words so an mma fragment's 8x4 lanes hit distinct banks.
+constexpr int kXStrideT = 676;  // x tile [ci][halo], ci = fragment row
 
-// Packed dz: TF32 bits (the 13 low mantissa bits cleared, NaN included) | 1 << class.
-__device__ __forceinline__ float pack_dz(float dz, uint32_t cls) {
-  return __uint_as_float((round_tf32_bits(dz) & ~0x1fffu) | (1u << cls));
-}
-
-// The dz pass's stored value: packed for the tensor-core kernels (above); plain fp32 for the
+// The dz pass's stored value: packed for the tensor-core kernels (pack_dz); plain fp32 for the
 // IEEE-fp32 (FFMA) kernels, which read each element's class from the window index instead
 // (the flag bits would cost dz its last 8 mantissa bits).
 template <bool kPacked>
@@ -45,31 +36,11 @@ __device__ __forceinline__ float store_dz(float dz, uint32_t cls) {
   return kPacked ? pack_dz(dz, cls) : dz;
 }
 
-// A packed dz element if its class is the one whose flag `class_bit` (1 << class) names, else
-// zero: one bit test and one select.
-__device__ __forceinline__ uint32_t masked_class(uint32_t packed, uint32_t class_bit) {
-  uint32_t out;
-  // Written as a predicate test and a select: left to itself the compiler builds a mask by two
-  // shifts and ANDs it, one instruction more in the backward's innermost loops.
-  asm("{\n\t.reg .pred keep;\n\t.reg .b32 flag;\n\t"
-      "and.b32 flag, %1, %2;\n\tsetp.ne.u32 keep, flag, 0;\n\t"
-      "selp.b32 %0, %1, 0, keep;\n\t}"
-      : "=r"(out)
-      : "r"(packed), "r"(class_bit));
-  return out;
-}
-
 struct BackwardGeometry {
   int ci_padded;   // C_in rounded up to 8 (<= 16)
   int co_padded;   // C_out rounded up to 8 (<= 32)
   int tiles, h_tiles, w_tiles;
 };
-
-__device__ __forceinline__ int64_t pooled_offset(const BlockShape& s, TileCoord c, int co, int h,
-                                                 int w) {
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  return (((int64_t)c.n * s.out_channels + co) * D + c.d) * H * (int64_t)W + (int64_t)h * W + w;
-}
 
 // The dx kernel's weight operand, written once per backward call by the first kernel of the
 // first chunk (every thread of its grid takes a share) and copied by each dx block with
@@ -654,27 +625,7 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_weight_kernel(
     const TileCoord c = decode_tile(tile_index, s.in_size[0], geo.h_tiles, geo.w_tiles);
     issue_x_tile<T>(xs_base + buffer * xs_size, x, s, c, cip, kXStrideT,
                     raw_base ? raw_base + buffer * raw_size : nullptr);
-    float* dzs = dz_base + buffer * dz_size;
-    const int H = s.in_size[1], W = s.in_size[2];
-    if (W % 4 == 0) {  // 16-byte copies, as the dx kernel's halo (each chunk wholly in or out)
-      constexpr int kChunks = kTileW / 4;
-      for (int e = threadIdx.x; e < cop * kTileH * kChunks; e += blockDim.x) {
-        const int row = e / kChunks, chunk = e - row * kChunks;
-        const int co = row / kTileH, hh = row - co * kTileH;
-        const int h = c.h0 + hh, wpos = c.w0 + chunk * 4;
-        const bool valid = co < s.out_channels && h < H && wpos < W;
-        const float* src = valid ? packed_dz + pooled_offset(s, c, co, h, wpos) : packed_dz;
-        cp_async_16(dzs + co * kDzStrideT + hh * kTileW + chunk * 4, src, valid ? 16 : 0);
-      }
-      return;
-    }
-    for (int e = threadIdx.x; e < cop * kTilePositions; e += blockDim.x) {
-      const int co = e / kTilePositions, p = e % kTilePositions;
-      const int h = c.h0 + p / kTileW, wpos = c.w0 + p % kTileW;
-      const bool valid = co < s.out_channels && h < H && wpos < W;
-      const float* src = valid ? packed_dz + pooled_offset(s, c, co, h, wpos) : packed_dz;
-      cp_async_f32(dzs + co * kDzStrideT + p, src, valid);
-    }
+    issue_dz_tile(dz_base + buffer * dz_size, packed_dz, s, c, cop);
   };
 
   uint32_t my_class_bit[4];
@@ -1232,6 +1183,11 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
       }
     }
+    // fp32 with TF32: the dweight partials on wgmma where the build and x allow it
+    TensorMapBytes x_map;
+    bool wgmma_grad_weight = false;
+    if constexpr (std::is_same<T, float>::value)
+      wgmma_grad_weight = !ieee && a.grad_weight && prepare_wgmma_grad_weight(&x_map, s, a.x);
     for (int64_t n0 = 0; n0 < s.batch; n0 += l.chunk_batch) {
       BlockShape sc = s;
       sc.batch = s.batch - n0 < l.chunk_batch ? s.batch - n0 : l.chunk_batch;
@@ -1279,7 +1235,12 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
             packed_dz, grad_x_weights, static_cast<T*>(a.grad_x) + n0 * x_image, sc, gc);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
       }
-      if (a.grad_weight) {
+      if (a.grad_weight && wgmma_grad_weight) {
+        e = launch_wgmma_grad_weight(x_map, static_cast<const float*>(a.x), sc, (int)n0, gc.tiles,
+                                     gc.h_tiles, gc.w_tiles, blocks, packed_dz, weight_partials,
+                                     accumulate, stream);
+        if (e != cudaSuccess) return e;
+      } else if (a.grad_weight) {
         grad_w_kernel<<<blocks, kThreadsWide, smem_w, stream>>>(x, packed_dz, weight_partials,
                                                                  sc, gc, accumulate);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;

@@ -628,5 +628,84 @@ __device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const 
   }
 }
 
+
+// ------------------------------------------------------------------ backward pieces
+
+constexpr int kTaps = 27;
+constexpr int kMaxCin = 16;   // backward: dx's one 16-wide n block of input channels, dW's m-tile
+constexpr int kMaxCout = 32;  // one 32-channel slice
+constexpr int kTilePositions = kTileH * kTileW;  // 256 pooled positions
+// dz tile [co][position] of the dW kernels: = 4 (mod 32) words, so an mma fragment's 8 x 4
+// lanes (channel g, position t) hit distinct banks.
+constexpr int kDzStrideT = kTilePositions + 4;
+
+// Packed dz: TF32 bits (the 13 low mantissa bits cleared, NaN included) | 1 << class. The
+// tensor-core backward kernels read one word per element and keep or zero it for a class with
+// one bit test (masked_class); TF32 ignores the 8 flag bits.
+__device__ __forceinline__ float pack_dz(float dz, uint32_t cls) {
+  return __uint_as_float((round_tf32_bits(dz) & ~0x1fffu) | (1u << cls));
+}
+
+// A packed dz element if its class is the one whose flag `class_bit` (1 << class) names, else
+// zero: one bit test and one select.
+__device__ __forceinline__ uint32_t masked_class(uint32_t packed, uint32_t class_bit) {
+  uint32_t out;
+  // Written as a predicate test and a select: left to itself the compiler builds a mask by two
+  // shifts and ANDs it, one instruction more in the backward's innermost loops.
+  asm("{\n\t.reg .pred keep;\n\t.reg .b32 flag;\n\t"
+      "and.b32 flag, %1, %2;\n\tsetp.ne.u32 keep, flag, 0;\n\t"
+      "selp.b32 %0, %1, 0, keep;\n\t}"
+      : "=r"(out)
+      : "r"(packed), "r"(class_bit));
+  return out;
+}
+
+__device__ __forceinline__ int64_t pooled_offset(const BlockShape& s, TileCoord c, int co, int h,
+                                                 int w) {
+  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+  return (((int64_t)c.n * s.out_channels + co) * D + c.d) * H * (int64_t)W + (int64_t)h * W + w;
+}
+
+// The packed dz of tile c's 256 pooled positions for channels 0..channels-1 into
+// dzs[co][kDzStrideT] by cp.async (zeros outside the pooled grid and past C_out).
+__device__ __forceinline__ void issue_dz_tile(float* dzs, const float* packed_dz,
+                                              const BlockShape& s, TileCoord c, int channels) {
+  const int H = s.in_size[1], W = s.in_size[2];
+  if (W % 4 == 0) {  // 16-byte copies (packed_dz is our aligned workspace): chunks wholly in or out
+    constexpr int kChunks = kTileW / 4;
+    for (int e = threadIdx.x; e < channels * kTileH * kChunks; e += blockDim.x) {
+      const int row = e / kChunks, chunk = e - row * kChunks;
+      const int co = row / kTileH, hh = row - co * kTileH;
+      const int h = c.h0 + hh, wpos = c.w0 + chunk * 4;
+      const bool valid = co < s.out_channels && h < H && wpos < W;
+      const float* src = valid ? packed_dz + pooled_offset(s, c, co, h, wpos) : packed_dz;
+      cp_async_16(dzs + co * kDzStrideT + hh * kTileW + chunk * 4, src, valid ? 16 : 0);
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < channels * kTilePositions; e += blockDim.x) {
+    const int co = e / kTilePositions, p = e % kTilePositions;
+    const int h = c.h0 + p / kTileW, wpos = c.w0 + p % kTileW;
+    const bool valid = co < s.out_channels && h < H && wpos < W;
+    const float* src = valid ? packed_dz + pooled_offset(s, c, co, h, wpos) : packed_dz;
+    cp_async_f32(dzs + co * kDzStrideT + p, src, valid);
+  }
+}
+
+
+// parity_backward_wgmma.cu: the dweight partials on wgmma (sm_90a builds with FUSED3D_WGMMA).
+// prepare_wgmma_grad_weight encodes x's tensor map once per backward call and returns false
+// where that kernel does not apply (then nothing is launched and the mma.sync kernel runs).
+struct alignas(64) TensorMapBytes {
+  unsigned char bytes[128];
+};
+bool prepare_wgmma_grad_weight(TensorMapBytes* map, const BlockShape& s, const void* x);
+// x: the whole batch (the chunk's images start at n_offset).
+cudaError_t launch_wgmma_grad_weight(const TensorMapBytes& map, const float* x,
+                                     const BlockShape& chunk, int n_offset, int tiles,
+                                     int h_tiles, int w_tiles, int blocks,
+                                     const float* packed_dz, float* weight_partials,
+                                     int accumulate, cudaStream_t stream);
+
 }  // namespace parity
 }  // namespace fused3d_cuda

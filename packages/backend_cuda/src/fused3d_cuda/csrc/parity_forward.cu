@@ -26,7 +26,6 @@ constexpr int kWarpTilesTc = 1;  // 16-row mma tiles per warp
 // each), so one block's tile load overlaps the other's arithmetic.
 constexpr int kThreadsFfma = 256;
 constexpr int kBlocksPerSmFfma = 2;
-constexpr int kTaps = 27;
 
 // ------------------------------------------------------------------ tensor-core core (TF32)
 

@@ -26,9 +26,8 @@
 // staged from a coalesced slice 0.085 (the per-element gather hammered the same L2 lines from
 // every SM), all loads of a warp's staging rows issued first 0.079.
 #include "parity_common.cuh"
+#include "wgmma_common.cuh"
 
-#include <cuda.h>          // CUtensorMap
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cfloat>
 
 #if defined(FUSED3D_WGMMA) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -69,39 +68,7 @@ __host__ __device__ constexpr size_t smem_floats() {
   return (size_t)kSteps * kRows * CIP + 2 * CIP * kPlane + CIP * kRawStride + 3 * kCoTile + 2;
 }
 
-// ------------------------------------------------------------------ wgmma primitives
-
-// Shared-memory matrix descriptor, no swizzle: start address, the byte distance between core
-// matrices adjacent in K (leading) and in M or N (stride), each in 16-byte units.
-__device__ __forceinline__ uint64_t matrix_descriptor(uint32_t address, uint32_t leading,
-                                                      uint32_t stride) {
-  return (uint64_t)((address & 0x3FFFF) >> 4) | ((uint64_t)(leading >> 4) << 16) |
-         ((uint64_t)(stride >> 4) << 32);
-}
-
-// (Plain sm_90 compiles of this file, such as a compile check, get empty bodies: only sm_90a
-// builds define FUSED3D_WGMMA and launch the kernel.)
-__device__ __forceinline__ void wgmma_fence() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wgmma_commit() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-#endif
-}
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-#endif
-}
-// Keeps the compiler from moving reads or writes of the accumulators across the fences above.
-__device__ __forceinline__ void fence_operands(float (&acc)[32]) {
-#pragma unroll
-  for (int i = 0; i < 32; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-}
+// ------------------------------------------------------------------ MMA
 
 // acc[64 x 64 fragment] += A(desc_a)[64 x 8] * B(desc_b)[8 x 64], TF32 inputs, fp32 sums.
 __device__ __forceinline__ void wgmma_tf32_m64n64k8(float (&d)[32], uint64_t desc_a,
@@ -125,40 +92,13 @@ __device__ __forceinline__ void wgmma_tf32_m64n64k8(float (&d)[32], uint64_t des
 #endif
 }
 
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
-
 // ------------------------------------------------------------------ TMA
 
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_address(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t phase) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.b32 %0, 1, 0, p;\n}\n"
-        : "=r"(done) : "r"(smem_address(bar)), "r"(phase) : "memory");
-  } while (!done);
-}
 // One bulk tensor copy of the x halo tile [ci][dd][hh][36] of tile c into raw; completes on bar.
 __device__ __forceinline__ void tma_x_tile(float* raw, const CUtensorMap* map, TileCoord c,
                                            uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_address(bar)),
-               "r"(bytes) : "memory");
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
-      "[%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::"r"(smem_address(raw)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c.w0), "r"(c.h0), "r"(c.d), "r"(0), "r"(c.n),
-      "r"(smem_address(bar))
-      : "memory");
+  mbarrier_expect_bytes(bar, bytes);
+  tma_load_5d(raw, map, c.w0, c.h0, c.d, 0, c.n, bar);
 }
 
 // ------------------------------------------------------------------ staging
@@ -532,27 +472,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                        slopes_s[kCoTile + channel], best, windows, finite);
     store_tile(y, window_index, s, c, hl0, co0 + channel, t, best, windows);
   }
-}
-
-// The driver's tensor-map encoder, through the runtime (no link against libcuda).
-inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult status;
-#if CUDART_VERSION >= 12050
-    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
-                                                           cudaEnableDefault, &status);
-#else
-    const cudaError_t e =
-        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &status);
-#endif
-    if (e != cudaSuccess || status != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();  // not sticky; the kernel falls back to cp.async
-      fn = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
 }
 
 // The x tensor map of the bulk copies: dims (W, H, D, C_in, N), box (36, 9, 2, C_in, 1), which
