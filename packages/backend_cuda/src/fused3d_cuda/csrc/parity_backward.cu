@@ -1235,7 +1235,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
             packed_dz, grad_x_weights, static_cast<T*>(a.grad_x) + n0 * x_image, sc, gc);
         if ((e = cudaGetLastError()) != cudaSuccess) return e;
       }
-      if (a.grad_weight && wgmma_grad_weight) {
+      if (wgmma_grad_weight) {  // (implies a.grad_weight)
         e = launch_wgmma_grad_weight(x_map, static_cast<const float*>(a.x), sc, (int)n0, gc.tiles,
                                      gc.h_tiles, gc.w_tiles, blocks, packed_dz, weight_partials,
                                      accumulate, stream);

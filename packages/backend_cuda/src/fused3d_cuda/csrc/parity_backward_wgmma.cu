@@ -366,23 +366,11 @@ bool prepare_wgmma_grad_weight(TensorMapBytes* map, const BlockShape& s, const v
 #if defined(FUSED3D_WGMMA)
   const char* switch_value = std::getenv("FUSED3D_CUDA_WGMMA_BACKWARD");
   if (switch_value != nullptr && std::strcmp(switch_value, "0") == 0) return false;
-  const auto encode = tensor_map_encoder();
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  if (encode == nullptr || s.in_channels > kMaxCin || s.out_channels > kMaxCout || W % 4 != 0 ||
-      (reinterpret_cast<uintptr_t>(x) & 15) != 0)
-    return false;
-  // dims (W, H, D, C_in, N); box (32 w, 1, 1, 16 channels, 1); out-of-range values arrive as 0
-  const cuuint64_t dims[5] = {(cuuint64_t)W, (cuuint64_t)H, (cuuint64_t)D,
-                              (cuuint64_t)s.in_channels, (cuuint64_t)s.batch};
-  const cuuint64_t strides[4] = {(cuuint64_t)W * 4, (cuuint64_t)H * W * 4,
-                                 (cuuint64_t)D * H * W * 4,
-                                 (cuuint64_t)s.in_channels * D * H * W * 4};
+  if (s.in_channels > kMaxCin || s.out_channels > kMaxCout) return false;
+  // box (32 w, 1, 1, 16 channels, 1), landing in the swizzle the MMAs read
   const cuuint32_t box[5] = {kTileW, 1, 1, kMaxCin, 1};
-  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
-  return encode(reinterpret_cast<CUtensorMap*>(map), CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 5,
-                const_cast<void*>(x), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_x_tensor_map(reinterpret_cast<CUtensorMap*>(map), s, x, box,
+                             CU_TENSOR_MAP_SWIZZLE_128B);
 #else
   (void)map, (void)s, (void)x;
   return false;

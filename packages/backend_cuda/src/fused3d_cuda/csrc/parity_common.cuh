@@ -628,7 +628,6 @@ __device__ __forceinline__ void store_pooled(T* y, uint8_t* window_index, const 
   }
 }
 
-
 // ------------------------------------------------------------------ backward pieces
 
 constexpr int kTaps = 27;
@@ -691,7 +690,6 @@ __device__ __forceinline__ void issue_dz_tile(float* dzs, const float* packed_dz
     cp_async_f32(dzs + co * kDzStrideT + p, src, valid);
   }
 }
-
 
 // parity_backward_wgmma.cu: the dweight partials on wgmma (sm_90a builds with FUSED3D_WGMMA).
 // prepare_wgmma_grad_weight encodes x's tensor map once per backward call and returns false

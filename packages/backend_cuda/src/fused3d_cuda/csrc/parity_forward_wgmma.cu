@@ -474,25 +474,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// The x tensor map of the bulk copies: dims (W, H, D, C_in, N), box (36, 9, 2, C_in, 1), which
-// is a halo tile with kHaloRow-long rows; out-of-range elements arrive as zeros. False where the
-// copy's rules do not hold (row stride W * 4 a multiple of 16, a 16-byte aligned x) or the
-// driver lacks the call: the kernel then copies with cp.async.
+// The x tensor map of the bulk copies: box (36, 9, 2, C_in, 1), a halo tile with kHaloRow-long
+// rows (see encode_x_tensor_map). False where it cannot be made: the kernel then copies with
+// cp.async.
 inline bool encode_x_map(CUtensorMap* map, const BlockShape& s, const void* x) {
-  const auto encode = tensor_map_encoder();
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  if (encode == nullptr || W % 4 != 0 || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
-  const cuuint64_t dims[5] = {(cuuint64_t)W, (cuuint64_t)H, (cuuint64_t)D,
-                              (cuuint64_t)s.in_channels, (cuuint64_t)s.batch};
-  const cuuint64_t strides[4] = {(cuuint64_t)W * 4, (cuuint64_t)H * W * 4,
-                                 (cuuint64_t)D * H * W * 4,
-                                 (cuuint64_t)s.in_channels * D * H * W * 4};
   const cuuint32_t box[5] = {kHaloRow, kHaloH, kHaloD, (cuuint32_t)s.in_channels, 1};
-  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 5, const_cast<void*>(x), dims, strides, box,
-                unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_x_tensor_map(map, s, x, box, CU_TENSOR_MAP_SWIZZLE_NONE);
 }
 
 template <int KSTEPS>
