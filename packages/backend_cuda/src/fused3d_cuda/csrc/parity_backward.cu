@@ -18,6 +18,9 @@
 //  4. a reduce kernel sums the per-block partials in a fixed order (deterministic results).
 #include "parity_common.cuh"
 
+#include <cstdlib>
+#include <cstring>
+
 namespace fused3d_cuda {
 namespace parity {
 
@@ -337,6 +340,9 @@ __global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
   const ChannelDz ch = channel_dz<T>(to_acc(multiplier[co * s.multiplier_stride]),
                                      (float)s.negative_slope);
   DzSums sums{0.f, 0.f, 0.f};
+  // (early start: packed_dz and the channel partials were read by the kernels before)
+  wait_for_previous_kernel();
+  start_next_kernel();
   for (int64_t n = 0; n < s.batch; ++n) {
     const int64_t base = (n * s.out_channels + co) * spatial;
     if (quads) {
@@ -454,7 +460,7 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
 template <typename T, int KSTEPS>
 __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
     const float* __restrict__ packed_dz, const float* __restrict__ weight_fragments,
-    T* __restrict__ grad_x, BlockShape s, BackwardGeometry geo) {
+    T* __restrict__ grad_x, BlockShape s, BackwardGeometry geo, int weights_written_earlier) {
   extern __shared__ float4 smem4[];
   constexpr int cop = 8 * KSTEPS, ksteps = KSTEPS;
   float* ws = reinterpret_cast<float*>(smem4);  // [k][kk][lane] float4, 27*cop*16 floats
@@ -464,13 +470,20 @@ __global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
   const int hl = warp >> 1, row0 = (warp & 1) * 16;  // two warps per h-line, 16 rows each
   const int g = lane >> 2, t = lane & 3;
 
+  // The weight operand (write_grad_x_weights' layout), in the first halo's group of copies:
+  // before waiting for the dz kernel when an earlier kernel wrote it (early start).
+  auto copy_weights = [&] {
+    for (int e = threadIdx.x; e < kTaps * cop * 4; e += blockDim.x)
+      cp_async_16(ws + 4 * e, weight_fragments + 4 * e, 16);
+  };
+  if (weights_written_earlier) copy_weights();
+  wait_for_previous_kernel();
+  start_next_kernel();
+  if (!weights_written_earlier) copy_weights();
   int tile = blockIdx.x;
   if (tile < geo.tiles)
     issue_dz_halo(dz_base, packed_dz, s, decode_tile(tile, s.in_size[0], geo.h_tiles, geo.w_tiles),
                   cop);
-  // The weight operand (write_grad_x_weights' layout), in the first halo's group of copies.
-  for (int e = threadIdx.x; e < kTaps * cop * 4; e += blockDim.x)
-    cp_async_16(ws + 4 * e, weight_fragments + 4 * e, 16);
   cp_async_commit();
 
   for (int it = 0; tile < geo.tiles; tile += gridDim.x, ++it) {
@@ -984,6 +997,8 @@ __global__ void __launch_bounds__(kThreads) parity_reduce_kernel(
     const float* __restrict__ channel_partials, int channel_blocks, T* __restrict__ grad_w,
     float* __restrict__ grad_bias, float* __restrict__ grad_multiplier, BlockShape s) {
   __shared__ float eighths[kReduceWarps][32];
+  wait_for_previous_kernel();  // (early start: every partial is the earlier kernels' output)
+  start_next_kernel();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int item = blockIdx.x * 32 + lane;
   const bool weight_item = blockIdx.x * 32 < kWeightItems;  // a block is one kind or the other
@@ -1046,13 +1061,20 @@ inline size_t grad_weight_smem(const BackwardGeometry& g, bool raw_x) {
          (raw_x ? 2 * sizeof(uint16_t) * raw_x_tile_values(kMaxCin) : 0);
 }
 
-// The backward walks the batch in chunks so that its dz scratch stays near 8 MiB (partials
-// accumulate across chunks in a fixed order, so the result does not depend on the chunking).
-// At the benchmark size (524288 pooled values per image) this is 4 chunks of 4 images:
-// measured on the H100 (plots/bench_cuda.csv, 2026-11-24) at 71 MiB extra for a training
-// step, gradients 3.4e-3 off float64 (TF32), the same as eager PyTorch; ncu timed each
-// chunk's winner / dx / dweight kernels at 54 / 47 / 51 us. The suite's problems fit in one.
-constexpr int64_t kDzChunkFloats = 2 * 1024 * 1024;
+// The backward walks the batch in chunks so that its dz scratch stays near 16 MiB (partials
+// accumulate across chunks in a fixed order: deterministic, though another chunk size would
+// round differently). At the benchmark size (524288 pooled values per image) this is 2 chunks
+// of 8 images: 79 MiB extra for a training step on the H100 against 71 MiB with 4 chunks of 4,
+// and the raw backward op 0.189 against 0.213 ms (both with early start): each chunk pays its
+// kernels' first-tile copies, tails and a write of the dweight partials.
+constexpr int64_t kDzChunkFloats = 4 * 1024 * 1024;
+// FUSED3D_CUDA_EARLY_START=0 launches every backward kernel normally (read at every call);
+// otherwise kernels after a call's first start early where the GPU can (Hopper and later).
+inline bool early_start_allowed() {
+  const char* value = std::getenv("FUSED3D_CUDA_EARLY_START");
+  if (value != nullptr && std::strcmp(value, "0") == 0) return false;
+  return early_start_supported();
+}
 
 struct WorkspaceLayout {
   int chunk_batch;  // images per chunk
@@ -1163,6 +1185,8 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
   const int64_t pooled_spatial = (int64_t)s.in_size[0] * s.in_size[1] * s.in_size[2];
   const int dz_slices =
       (int)std::max<int64_t>(1, std::min<int64_t>(l.blocks, pooled_spatial / 1024));
+  // Kernels after the call's first may start early (see wait_for_previous_kernel).
+  const bool early_start = early_start_allowed();
   cudaError_t e;
   if (geo.tiles > 0) {
     auto winner = parity_winner_grad_kernel<T>;
@@ -1219,11 +1243,13 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
       // The first chunk's first kernel also writes the dx kernel's weight operand.
       float* write_weights = (a.grad_x && n0 == 0) ? grad_x_weights : nullptr;
       if (dz_from_output) {
-        parity_dz_from_output_kernel<T, true>
-            <<<dim3(dz_slices, s.out_channels), kThreadsDz, 0, stream>>>(
-                x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier), grad_y,
-                static_cast<const T*>(a.y) + n0 * y_image, window_index, packed_dz,
-                channel_partials, write_weights, sc, accumulate);
+        // (the first kernel of the call follows someone else's: it starts normally)
+        e = launch_kernel(parity_dz_from_output_kernel<T, true>, dim3(dz_slices, s.out_channels),
+                          kThreadsDz, 0, stream, early_start && n0 > 0, x, w,
+                          static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier),
+                          grad_y, static_cast<const T*>(a.y) + n0 * y_image, window_index,
+                          packed_dz, channel_partials, write_weights, sc, accumulate);
+        if (e != cudaSuccess) return e;
       } else {
         winner<<<blocks, kThreadsWinner, smem, stream>>>(
             x, w, static_cast<const T*>(a.bias), static_cast<const T*>(a.multiplier), grad_y,
@@ -1231,14 +1257,15 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
       }
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       if (a.grad_x) {
-        grad_x_kernel<<<blocks, kThreadsWide, smem_x, stream>>>(
-            packed_dz, grad_x_weights, static_cast<T*>(a.grad_x) + n0 * x_image, sc, gc);
-        if ((e = cudaGetLastError()) != cudaSuccess) return e;
+        e = launch_kernel(grad_x_kernel, blocks, kThreadsWide, smem_x, stream, early_start,
+                          packed_dz, grad_x_weights, static_cast<T*>(a.grad_x) + n0 * x_image,
+                          sc, gc, (int)(n0 > 0));
+        if (e != cudaSuccess) return e;
       }
       if (wgmma_grad_weight) {  // (implies a.grad_weight)
         e = launch_wgmma_grad_weight(x_map, static_cast<const float*>(a.x), sc, (int)n0, gc.tiles,
                                      gc.h_tiles, gc.w_tiles, blocks, packed_dz, weight_partials,
-                                     accumulate, stream);
+                                     accumulate, early_start, stream);
         if (e != cudaSuccess) return e;
       } else if (a.grad_weight) {
         grad_w_kernel<<<blocks, kThreadsWide, smem_w, stream>>>(x, packed_dz, weight_partials,
@@ -1256,11 +1283,12 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
       geo.tiles > 0 ? ((dz_from_output || ieee) ? dz_slices : l.blocks) : 0;
   const int weight_blocks = (geo.tiles > 0 && a.grad_weight) ? l.blocks : 0;
   if (a.grad_weight || a.grad_bias_channels || a.grad_multiplier_channels) {
-    parity_reduce_kernel<T><<<kReduceItems / 32, kThreads, 0, stream>>>(
-        weight_partials, weight_blocks, channel_partials, channel_blocks,
-        static_cast<T*>(a.grad_weight), static_cast<float*>(a.grad_bias_channels),
-        static_cast<float*>(a.grad_multiplier_channels), s);
-    if ((e = cudaGetLastError()) != cudaSuccess) return e;
+    e = launch_kernel(parity_reduce_kernel<T>, kReduceItems / 32, kThreads, 0, stream,
+                      early_start && geo.tiles > 0, weight_partials, weight_blocks,
+                      channel_partials, channel_blocks, static_cast<T*>(a.grad_weight),
+                      static_cast<float*>(a.grad_bias_channels),
+                      static_cast<float*>(a.grad_multiplier_channels), s);
+    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }
@@ -1306,13 +1334,13 @@ cudaError_t launch_parity_backward(const BlockShape& s, DType dtype, bool allow_
       const T*, const T*, const T*, const T*, const T*, const uint8_t*, float*, float*,       \
       float*, BlockShape, parity::BackwardGeometry, int);                                     \
   template __global__ void parity::parity_grad_x_kernel<T, 1>(                                \
-      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_grad_x_kernel<T, 2>(                                \
-      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_grad_x_kernel<T, 3>(                                \
-      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_grad_x_kernel<T, 4>(                                \
-      const float*, const float*, T*, BlockShape, parity::BackwardGeometry);                  \
+      const float*, const float*, T*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_grad_weight_kernel<T>(                              \
       const T*, const float*, float*, BlockShape, parity::BackwardGeometry, int);             \
   template __global__ void parity::parity_reduce_kernel<T>(const float*, int, const float*,   \

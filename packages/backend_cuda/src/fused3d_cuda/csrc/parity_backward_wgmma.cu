@@ -259,6 +259,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     fence_proxy_async();
   }
   __syncthreads();
+  wait_for_previous_kernel();  // (early start: packed_dz is the kernel before's output)
+  start_next_kernel();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int group = warp >> 2;            // warpgroup: h-lines 4 group .. 4 group + 3
@@ -381,16 +383,16 @@ cudaError_t launch_wgmma_grad_weight(const TensorMapBytes& map, const float* x,
                                      const BlockShape& chunk, int n_offset, int tiles,
                                      int h_tiles, int w_tiles, int blocks,
                                      const float* packed_dz, float* weight_partials,
-                                     int accumulate, cudaStream_t stream) {
+                                     int accumulate, bool early_start, cudaStream_t stream) {
   using namespace wgmma_grad_weight;
   auto kernel = parity_grad_weight_wgmma_kernel;
   cudaError_t e = raise_smem_limit(reinterpret_cast<const void*>(kernel), kSmemBytes);
   if (e != cudaSuccess) return e;
   CUtensorMap x_map;
   std::memcpy(&x_map, &map, sizeof(x_map));
-  kernel<<<blocks, kThreads, kSmemBytes, stream>>>(x, packed_dz, weight_partials, chunk, tiles,
-                                                   h_tiles, w_tiles, n_offset, accumulate, x_map);
-  return cudaGetLastError();
+  return launch_kernel(kernel, blocks, kThreads, kSmemBytes, stream, early_start, x, packed_dz,
+                       weight_partials, chunk, tiles, h_tiles, w_tiles, n_offset, accumulate,
+                       x_map);
 }
 
 }  // namespace parity

@@ -20,22 +20,26 @@
 namespace fused3d_cuda {
 namespace parity {
 
-// Host helpers: both are asked on every launch, so they are answered once per device.
-inline cudaError_t current_sm_count(int* sms) {
+// Host helpers: asked on every launch, so each is answered once per device.
+inline cudaError_t cached_device_attribute(cudaDeviceAttr attribute, int* value) {
   static std::mutex mutex;
-  static std::map<int, int> cache;
+  static std::map<std::pair<int, int>, int> cache;
   int device = 0;
   cudaError_t e = cudaGetDevice(&device);
   if (e != cudaSuccess) return e;
   std::lock_guard<std::mutex> lock(mutex);
-  auto found = cache.find(device);
+  const auto key = std::make_pair((int)attribute, device);
+  auto found = cache.find(key);
   if (found != cache.end()) {
-    *sms = found->second;
+    *value = found->second;
     return cudaSuccess;
   }
-  e = cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device);
-  if (e == cudaSuccess) cache[device] = *sms;
+  e = cudaDeviceGetAttribute(value, attribute, device);
+  if (e == cudaSuccess) cache[key] = *value;
   return e;
+}
+inline cudaError_t current_sm_count(int* sms) {
+  return cached_device_attribute(cudaDevAttrMultiProcessorCount, sms);
 }
 
 // Raise a kernel's dynamic shared-memory limit (needed above 48 KB) once per kernel and device.
@@ -73,6 +77,50 @@ inline cudaError_t resident_blocks_per_sm(const void* kernel, int threads, size_
   e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, threads, smem);
   if (e == cudaSuccess) cache[key] = *per_sm;
   return e;
+}
+
+// Programmatic dependent launch (Hopper and later): a kernel launched with early_start may
+// begin, and run the part of its prologue that reads only data written two or more kernels
+// back (inputs, constants), while the kernel before it finishes. Every such kernel calls
+// wait_for_previous_kernel() in every block before it touches that kernel's results (or writes
+// anything the kernel reads), and then start_next_kernel(): the next early-started kernel is
+// launched only once all of this kernel's blocks are past their wait, so kernel k's prologue
+// never runs before kernel k - 2 has finished. Both are no-ops in a kernel launched normally.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void start_next_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether kernels on this device may start early (compute capability 9.0 and later).
+inline bool early_start_supported() {
+  int major = 0;
+  return cached_device_attribute(cudaDevAttrComputeCapabilityMajor, &major) == cudaSuccess &&
+         major >= 9;
+}
+
+// Launch kernel<<<grid, block, smem, stream>>>(args...), allowed to start before the previous
+// kernel on the stream finishes when early_start is set (see wait_for_previous_kernel).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                          cudaStream_t stream, bool early_start, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = early_start ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  return e != cudaSuccess ? e : cudaGetLastError();
 }
 
 // Block tile of pooled positions: one image n, one depth d, kTileH rows of h, kTileW of w.
@@ -703,7 +751,7 @@ cudaError_t launch_wgmma_grad_weight(const TensorMapBytes& map, const float* x,
                                      const BlockShape& chunk, int n_offset, int tiles,
                                      int h_tiles, int w_tiles, int blocks,
                                      const float* packed_dz, float* weight_partials,
-                                     int accumulate, cudaStream_t stream);
+                                     int accumulate, bool early_start, cudaStream_t stream);
 
 }  // namespace parity
 }  // namespace fused3d_cuda
