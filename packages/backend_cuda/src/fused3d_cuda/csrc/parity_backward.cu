@@ -26,7 +26,7 @@ namespace parity {
 
 constexpr int kThreads = 256;
 constexpr int kThreadsWinner = 512;  // 16 warps, two per h-line (as the forward)
-constexpr int kThreadsWide = 512;    // the dW kernel: 16 warps as well
+constexpr int kThreadsWide = 512;    // dx and dW kernels: 16 warps as well
 constexpr int kWinnerWarps = kThreadsWinner / 32;
 // dW kernel x tile stride: = 4 (mod 32) words so an mma fragment's 8x4 lanes hit distinct banks.
 constexpr int kXStrideT = 676;  // x tile [ci][halo], ci = fragment row
@@ -316,7 +316,7 @@ __device__ __forceinline__ float dz_element(const T* __restrict__ x, const T* __
 // every element recomputes z (the IEEE-fp32 path without a usable y; the tensor-core path
 // runs the winner kernel instead).
 template <typename T, bool kPacked>
-__global__ void __launch_bounds__(kThreadsDz, 2) parity_dz_from_output_kernel(
+__global__ void __launch_bounds__(kThreadsDz) parity_dz_from_output_kernel(
     const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
     const T* __restrict__ multiplier, const T* __restrict__ grad_y, const T* __restrict__ y,
     const uint8_t* __restrict__ window_index, float* __restrict__ packed_dz,
@@ -340,81 +340,45 @@ __global__ void __launch_bounds__(kThreadsDz, 2) parity_dz_from_output_kernel(
   const ChannelDz ch = channel_dz<T>(to_acc(multiplier[co * s.multiplier_stride]),
                                      (float)s.negative_slope);
   DzSums sums{0.f, 0.f, 0.f};
-  if (quads) {
-    // Items (image, quad of the slice), kBatch per thread at a time with all of a batch's loads
-    // issued before its stores (one quad at a time kept too few bytes in flight: 2.0 TB/s).
-    // Early start: the first batch loads before the wait (grad_y, y and the index are the
-    // call's inputs); packed_dz and the partials, which the kernels before read, are written
-    // after it.
-    constexpr int kBatch = 4;
-    const int slice_quads = (end - begin) / 4;
-    const int64_t items = (int64_t)slice_quads * s.batch;
-    float4 g4[kBatch], y4[kBatch];
-    uint32_t classes[kBatch];
-    int64_t offsets[kBatch];
-    auto load_batch = [&](int64_t first) {
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int64_t item = first + (int64_t)u * kThreadsDz;
-        if (item >= items) break;
-        const int64_t n = item / slice_quads;
-        offsets[u] = (n * s.out_channels + co) * spatial + begin + 4 * (item - n * slice_quads);
-        // Read once: streamed past L2 so that the packed dz the next kernels read stays.
-        g4[u] = load4_streaming(grad_y + offsets[u]);
-        y4[u] = load4_streaming(y + offsets[u]);
-        classes[u] = __ldcs(reinterpret_cast<const unsigned int*>(window_index + offsets[u]));
-      }
-    };
-    load_batch(threadIdx.x);
-    wait_for_previous_kernel();
-    start_next_kernel();
-    for (int64_t first = threadIdx.x; first < items; first += kBatch * kThreadsDz) {
-      if (first != threadIdx.x) load_batch(first);
-      uint32_t unsettled = 0;  // items y does not settle, done after the batch
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (first + (int64_t)u * kThreadsDz >= items) break;
-        if (!(y_settles(ch, y4[u].x) && y_settles(ch, y4[u].y) && y_settles(ch, y4[u].z) &&
-              y_settles(ch, y4[u].w))) {
-          unsettled |= 1u << u;
-          continue;
-        }
-        float4 dz4;
-        dz4.x = store_dz<kPacked>(settled_dz(ch, sums, g4[u].x, y4[u].x), classes[u] & 7u);
-        dz4.y = store_dz<kPacked>(settled_dz(ch, sums, g4[u].y, y4[u].y), (classes[u] >> 8) & 7u);
-        dz4.z =
-            store_dz<kPacked>(settled_dz(ch, sums, g4[u].z, y4[u].z), (classes[u] >> 16) & 7u);
-        dz4.w =
-            store_dz<kPacked>(settled_dz(ch, sums, g4[u].w, y4[u].w), (classes[u] >> 24) & 7u);
-        *reinterpret_cast<float4*>(packed_dz + offsets[u]) = dz4;
-      }
-      // rare: one element at a time (one copy of the recompute path)
-#pragma unroll 1
-      for (int u = 0; unsettled != 0; ++u, unsettled >>= 1) {
-        if (!(unsettled & 1u)) continue;
-        const int64_t item = first + (int64_t)u * kThreadsDz, n = item / slice_quads;
-        const int p = begin + 4 * (int)(item - n * slice_quads);
-        const int64_t off = (n * s.out_channels + co) * spatial + p;
-#pragma unroll 1
-        for (int q = 0; q < 4; ++q)
-          packed_dz[off + q] = dz_element<T, kPacked>(x, w, bias, s, ch, sums, n, co, p + q,
-                                                      window_index[off + q] & 7u,
-                                                      to_acc(grad_y[off + q]), to_acc(y[off + q]));
-      }
-    }
-  } else {
-    wait_for_previous_kernel();  // (as above)
-    start_next_kernel();
-    for (int64_t n = 0; n < s.batch; ++n) {
-      const int64_t base = (n * s.out_channels + co) * spatial;
-#pragma unroll 4
-      for (int p = begin + (int)threadIdx.x; p < end; p += kThreadsDz) {
+  // (early start: packed_dz and the channel partials were read by the kernels before)
+  wait_for_previous_kernel();
+  start_next_kernel();
+  for (int64_t n = 0; n < s.batch; ++n) {
+    const int64_t base = (n * s.out_channels + co) * spatial;
+    if (quads) {
+#pragma unroll 2
+      for (int p = begin + 4 * (int)threadIdx.x; p < end; p += 4 * kThreadsDz) {
         const int64_t off = base + p;
-        // (A NaN y settles nothing: the element recomputes z.)
-        packed_dz[off] = dz_element<T, kPacked>(x, w, bias, s, ch, sums, n, co, p,
-                                                window_index[off] & 7u, to_acc(grad_y[off]),
-                                                y ? to_acc(y[off]) : __int_as_float(0x7fc00000));
+        // Read once: streamed past L2 so that the packed dz the next kernels read stays.
+        const float4 g4 = load4_streaming(grad_y + off);
+        const float4 y4 = load4_streaming(y + off);
+        const uint32_t classes =
+            __ldcs(reinterpret_cast<const unsigned int*>(window_index + off));
+        if (y_settles(ch, y4.x) && y_settles(ch, y4.y) && y_settles(ch, y4.z) &&
+            y_settles(ch, y4.w)) {
+          float4 dz4;
+          dz4.x = store_dz<kPacked>(settled_dz(ch, sums, g4.x, y4.x), classes & 7u);
+          dz4.y = store_dz<kPacked>(settled_dz(ch, sums, g4.y, y4.y), (classes >> 8) & 7u);
+          dz4.z = store_dz<kPacked>(settled_dz(ch, sums, g4.z, y4.z), (classes >> 16) & 7u);
+          dz4.w = store_dz<kPacked>(settled_dz(ch, sums, g4.w, y4.w), (classes >> 24) & 7u);
+          *reinterpret_cast<float4*>(packed_dz + off) = dz4;
+        } else {  // rare: one element at a time (one copy of the recompute path)
+#pragma unroll 1
+          for (int q = 0; q < 4; ++q)
+            packed_dz[off + q] = dz_element<T, kPacked>(x, w, bias, s, ch, sums, n, co, p + q,
+                                            (classes >> (8 * q)) & 7u,
+                                            to_acc(grad_y[off + q]), to_acc(y[off + q]));
+        }
       }
+      continue;
+    }
+#pragma unroll 4
+    for (int p = begin + (int)threadIdx.x; p < end; p += kThreadsDz) {
+      const int64_t off = base + p;
+      // (A NaN y settles nothing: the element recomputes z.)
+      packed_dz[off] = dz_element<T, kPacked>(x, w, bias, s, ch, sums, n, co, p,
+                                              window_index[off] & 7u, to_acc(grad_y[off]),
+                                              y ? to_acc(y[off]) : __int_as_float(0x7fc00000));
     }
   }
   // Fixed-order block reduction: a shuffle tree per warp, then the warps in order.
@@ -491,61 +455,19 @@ __device__ __forceinline__ void issue_dz_halo(float* dzs, const float* packed_dz
   });
 }
 
-// The dx kernel's threads: 32 warps, two per 16 positions of an h-line, each warp of the pair
-// taking half of the input offsets (kGradXOffsets); the halves add in a fixed order. (16 warps
-// taking all 8 offsets: 36.4 us per 8-image chunk on the H100, issuing every 1.7 cycles per
-// scheduler with 4 warps each; ncu put most waits on shared-memory loads.)
-constexpr int kThreadsGradX = 1024;
-// Offsets {0, 3, 5, 7} (13 of the 27 taps) and {1, 2, 4, 6} (14 taps), as bit masks.
-constexpr uint32_t kGradXOffsets[2] = {0xa9u, 0x56u};
-
-// One warp's sums for its 16 positions x 16 input channels over the offsets in kOffsets: dx[i] +=
-// dz_P[i - o] W[k(P, o)]^T for every class P >= o.
-template <uint32_t kOffsets, int KSTEPS>
-__device__ __forceinline__ void grad_x_offsets(float (&acc)[2][4], const float* dzs,
-                                               const float* ws, int hl, int row, int t,
-                                               int lane) {
-#pragma unroll
-  for (int o = 0; o < 8; ++o) {
-    if (!((kOffsets >> o) & 1u)) continue;
-    const int p0 = back_halo_pos(o, hl, row);
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk) {
-      const float* da = dzs + (kk * 8 + t) * kXStride + p0;
-      uint32_t raw[4];
-      raw[0] = __float_as_uint(da[0]);
-      raw[1] = __float_as_uint(da[8]);
-      raw[2] = __float_as_uint(da[4 * kXStride]);
-      raw[3] = __float_as_uint(da[4 * kXStride + 8]);
-#pragma unroll
-      for (int cls = 0; cls < 8; ++cls) {
-        if (o & ~cls) continue;  // class cls reaches input i from pooled i - o only if o <= cls
-        const int k = class_tap(cls, o);
-        const float4 b = reinterpret_cast<const float4*>(ws)[(k * KSTEPS + kk) * 32 + lane];
-        uint32_t a[4];
-#pragma unroll
-        for (int q = 0; q < 4; ++q) a[q] = masked_class(raw[q], 1u << cls);
-        mma_tf32(acc[0], a, b.x, b.y);
-        mma_tf32(acc[1], a, b.z, b.w);
-      }
-    }
-  }
-}
-
 // KSTEPS: C_out / 8 rounded up (the mma K steps), fixed at compile time so that every shared
 // memory address in the mma loop is a register plus a constant.
 template <typename T, int KSTEPS>
-__global__ void __launch_bounds__(kThreadsGradX, 1) parity_grad_x_kernel(
+__global__ void __launch_bounds__(kThreadsWide, 1) parity_grad_x_kernel(
     const float* __restrict__ packed_dz, const float* __restrict__ weight_fragments,
     T* __restrict__ grad_x, BlockShape s, BackwardGeometry geo, int weights_written_earlier) {
   extern __shared__ float4 smem4[];
-  constexpr int cop = 8 * KSTEPS;
+  constexpr int cop = 8 * KSTEPS, ksteps = KSTEPS;
   float* ws = reinterpret_cast<float*>(smem4);  // [k][kk][lane] float4, 27*cop*16 floats
   float* dz_base = ws + kTaps * cop * 16;
   const int dz_size = cop * kXStride;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int half = warp >> 4, pair_warp = warp & 15;  // half: which offsets
-  const int hl = pair_warp >> 1, row0 = (pair_warp & 1) * 16;  // 16 rows of h-line hl
+  const int hl = warp >> 1, row0 = (warp & 1) * 16;  // two warps per h-line, 16 rows each
   const int g = lane >> 2, t = lane & 3;
 
   // The weight operand (write_grad_x_weights' layout), in the first halo's group of copies:
@@ -576,40 +498,59 @@ __global__ void __launch_bounds__(kThreadsGradX, 1) parity_grad_x_kernel(
       cp_async_wait<0>();
     }
     __syncthreads();
-    float* dzs = dz_base + (it & 1) * dz_size;
-    float acc[2][4];
+    const float* dzs = dz_base + (it & 1) * dz_size;
+    constexpr int MT = 1;
+    float acc[MT][2][4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) acc[nt][r] = 0.f;
-    if (half == 0)
-      grad_x_offsets<kGradXOffsets[0], KSTEPS>(acc, dzs, ws, hl, row0 + g, t, lane);
-    else
-      grad_x_offsets<kGradXOffsets[1], KSTEPS>(acc, dzs, ws, hl, row0 + g, t, lane);
-    // The second half's sums through this tile's dz buffer (read by everyone by now), added to
-    // the first half's in a fixed order.
-    __syncthreads();
-    float* other = dzs + (threadIdx.x & 511);
-    if (half == 1) {
+      for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-      for (int r = 0; r < 8; ++r) other[r * 512] = acc[r >> 2][r & 3];
+        for (int r = 0; r < 4; ++r) acc[mt][nt][r] = 0.f;
+#pragma unroll
+    for (int o = 0; o < 8; ++o) {
+      const int p0 = back_halo_pos(o, hl, row0 + g);
+#pragma unroll
+      for (int kk = 0; kk < ksteps; ++kk) {
+        const float* da = dzs + (kk * 8 + t) * kXStride + p0;
+        uint32_t raw[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          raw[mt][0] = __float_as_uint(da[mt * 16]);
+          raw[mt][1] = __float_as_uint(da[mt * 16 + 8]);
+          raw[mt][2] = __float_as_uint(da[4 * kXStride + mt * 16]);
+          raw[mt][3] = __float_as_uint(da[4 * kXStride + mt * 16 + 8]);
+        }
+#pragma unroll
+        for (int cls = 0; cls < 8; ++cls) {
+          if (o & ~cls) continue;  // class cls reaches input i from pooled i - o only if o <= cls
+          const int k = class_tap(cls, o);
+          const float4 b = reinterpret_cast<const float4*>(ws)[(k * ksteps + kk) * 32 + lane];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t a[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a[q] = masked_class(raw[mt][q], 1u << cls);
+            mma_tf32(acc[mt][0], a, b.x, b.y);
+            mma_tf32(acc[mt][1], a, b.z, b.w);
+          }
+        }
+      }
     }
-    __syncthreads();
-    if (half == 0) {
-      const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-      const int h = c.h0 + hl;
+    const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
+    const int h = c.h0 + hl;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          const int wpos = c.w0 + row0 + g + 8 * (r >> 1);
+          const int wpos = c.w0 + row0 + mt * 16 + g + 8 * (r >> 1);
           const int ci = nt * 8 + 2 * t + (r & 1);
-          const float sum = acc[nt][r] + other[(4 * nt + r) * 512];
           if (h < H && wpos < W && ci < s.in_channels)
             grad_x[(((int64_t)c.n * s.in_channels + ci) * D + c.d) * H * (int64_t)W +
-                   (int64_t)h * W + wpos] = from_acc<T>(sum);
+                   (int64_t)h * W + wpos] = from_acc<T>(acc[mt][nt][r]);
         }
-    }
     __syncthreads();
   }
 }
@@ -1316,7 +1257,7 @@ cudaError_t launch_backward_typed(const BlockShape& s, const BackwardArgs& a, bo
       }
       if ((e = cudaGetLastError()) != cudaSuccess) return e;
       if (a.grad_x) {
-        e = launch_kernel(grad_x_kernel, blocks, kThreadsGradX, smem_x, stream, early_start,
+        e = launch_kernel(grad_x_kernel, blocks, kThreadsWide, smem_x, stream, early_start,
                           packed_dz, grad_x_weights, static_cast<T*>(a.grad_x) + n0 * x_image,
                           sc, gc, (int)(n0 > 0));
         if (e != cudaSuccess) return e;
