@@ -18,9 +18,6 @@
 //  4. a reduce kernel sums the per-block partials in a fixed order (deterministic results).
 #include "parity_common.cuh"
 
-#include <cstdlib>
-#include <cstring>
-
 namespace fused3d_cuda {
 namespace parity {
 
@@ -1071,9 +1068,7 @@ constexpr int64_t kDzChunkFloats = 4 * 1024 * 1024;
 // FUSED3D_CUDA_EARLY_START=0 launches every backward kernel normally (read at every call);
 // otherwise kernels after a call's first start early where the GPU can (Hopper and later).
 inline bool early_start_allowed() {
-  const char* value = std::getenv("FUSED3D_CUDA_EARLY_START");
-  if (value != nullptr && std::strcmp(value, "0") == 0) return false;
-  return early_start_supported();
+  return !switched_off("FUSED3D_CUDA_EARLY_START") && early_start_supported();
 }
 
 struct WorkspaceLayout {

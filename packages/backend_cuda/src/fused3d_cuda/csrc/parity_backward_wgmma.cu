@@ -29,8 +29,7 @@
 #error "FUSED3D_WGMMA builds need the sm_90a target (-gencode=arch=compute_90a,code=sm_90a)"
 #endif
 
-#include <cstdlib>
-#include <cstring>
+#include <cstring>  // memcpy
 
 namespace fused3d_cuda {
 namespace parity {
@@ -366,8 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 bool prepare_wgmma_grad_weight(TensorMapBytes* map, const BlockShape& s, const void* x) {
 #if defined(FUSED3D_WGMMA)
-  const char* switch_value = std::getenv("FUSED3D_CUDA_WGMMA_BACKWARD");
-  if (switch_value != nullptr && std::strcmp(switch_value, "0") == 0) return false;
+  if (switched_off("FUSED3D_CUDA_WGMMA_BACKWARD")) return false;
   if (s.in_channels > kMaxCin || s.out_channels > kMaxCout) return false;
   // box (32 w, 1, 1, 16 channels, 1), landing in the swizzle the MMAs read
   const cuuint32_t box[5] = {kTileW, 1, 1, kMaxCin, 1};

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -95,6 +97,13 @@ __device__ __forceinline__ void start_next_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+// Whether the environment variable `name` is "0": the backend's switches for a kernel choice
+// (FUSED3D_CUDA_WGMMA_BACKWARD, FUSED3D_CUDA_EARLY_START), read at every call.
+inline bool switched_off(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "0") == 0;
 }
 
 // Whether kernels on this device may start early (compute capability 9.0 and later).
