@@ -125,25 +125,35 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 }
 
 
-// x [N][C_in][D][H][W] (fp32) as a 5-D tensor map: dims (W, H, D, C_in, N), `box` in that
-// order, out-of-range elements arriving as zeros. False where bulk copies cannot read x (row
-// stride W * 4 not a multiple of 16, x not 16-byte aligned) or the driver lacks the call.
-// (A copy must also start 16-byte aligned in w, or it faults: callers keep box starts at
-// multiples of 4.)
+// An fp32 tensor [N][C][D][H][W] at `base` as a 5-D tensor map: dims (W, H, D, C, N) and `box`
+// in that order, out-of-range elements arriving as zeros. False where bulk copies cannot read
+// it (row stride W * 4 not a multiple of 16, base not 16-byte aligned) or the driver lacks the
+// call. (A copy must also start 16-byte aligned in w, or it faults: callers keep box starts
+// at multiples of 4.)
+inline bool encode_tensor_map_5d(CUtensorMap* map, const void* base, const int64_t (&dims)[5],
+                                 const cuuint32_t (&box)[5], CUtensorMapSwizzle swizzle) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr || dims[0] % 4 != 0 || (reinterpret_cast<uintptr_t>(base) & 15) != 0)
+    return false;
+  cuuint64_t sizes[5], strides[4];
+  cuuint64_t stride = 4;
+  for (int i = 0; i < 5; ++i) {
+    sizes[i] = (cuuint64_t)dims[i];
+    if (i > 0) strides[i - 1] = stride;
+    stride *= sizes[i];
+  }
+  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 5, const_cast<void*>(base), sizes, strides,
+                const_cast<cuuint32_t*>(box), unit, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// x [N][C_in][D][H][W] (fp32) as a 5-D tensor map (encode_tensor_map_5d).
 inline bool encode_x_tensor_map(CUtensorMap* map, const BlockShape& s, const void* x,
                                 const cuuint32_t (&box)[5], CUtensorMapSwizzle swizzle) {
-  const auto encode = tensor_map_encoder();
-  const int D = s.in_size[0], H = s.in_size[1], W = s.in_size[2];
-  if (encode == nullptr || W % 4 != 0 || (reinterpret_cast<uintptr_t>(x) & 15) != 0) return false;
-  const cuuint64_t dims[5] = {(cuuint64_t)W, (cuuint64_t)H, (cuuint64_t)D,
-                              (cuuint64_t)s.in_channels, (cuuint64_t)s.batch};
-  const cuuint64_t strides[4] = {(cuuint64_t)W * 4, (cuuint64_t)H * W * 4,
-                                 (cuuint64_t)D * H * W * 4,
-                                 (cuuint64_t)s.in_channels * D * H * W * 4};
-  const cuuint32_t unit[5] = {1, 1, 1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 5, const_cast<void*>(x), dims, strides, box,
-                unit, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  const int64_t dims[5] = {s.in_size[2], s.in_size[1], s.in_size[0], s.in_channels, s.batch};
+  return encode_tensor_map_5d(map, x, dims, box, swizzle);
 }
 
 }  // namespace parity
